@@ -1,0 +1,206 @@
+"""DeepSeekMoE: sigmoid router with selection-only bias, grouped experts, and the Dispatcher seam.
+
+The MoE layer never asks where its experts live. It routes tokens, then hands
+(tokens, top-k ids, gate weights, local experts) to `self.dispatcher`:
+`LocalDispatcher` (here) runs every expert in-process; parallel/dispatch.py's
+`AllToAllDispatcher` sends tokens to the expert-parallel rank that owns each expert.
+Both share `permute_by_expert` and `combine_topk`, so they sum in the same order.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.layers import MLP
+
+
+class Router(nn.Module):
+    """s = sigmoid(x Wᵀ); pick top-k on s + bias inside the best groups (and nodes); gate on s.
+
+    `bias` is the aux-loss-free balancing bias: it changes which experts are selected, never
+    the gate weights. It is a buffer (no gradient), moved by `bias_update` after each step.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
+        self.max_nodes = cfg.max_nodes_per_token
+        # Experts are laid out contiguously over `n_nodes` nodes (set by the parallel layout via
+        # DeepSeekV3.set_expert_nodes; the single-process reference sets the same value).
+        self.n_nodes = 1
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _limit(self, scores: torch.Tensor, n_blocks: int, keep: int, per_block_topk: int) -> torch.Tensor:
+        """Mask out all but the `keep` blocks whose top-`per_block_topk` scores sum highest."""
+        n = scores.shape[0]
+        blocks = scores.view(n, n_blocks, -1)
+        block_score = blocks.topk(per_block_topk, dim=-1).values.sum(-1)
+        chosen = block_score.topk(keep, dim=-1).indices
+        drop = torch.ones(n, n_blocks, dtype=torch.bool, device=scores.device).scatter_(1, chosen, False)
+        return blocks.masked_fill(drop.unsqueeze(-1), float("-inf")).view(n, -1)
+
+    def forward(self, x: torch.Tensor):
+        """x [N, dim] → (gate weights [N, k], expert ids [N, k], scores [N, E] for the balance loss)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores + self.bias
+        if self.n_groups > 1:  # group-limited: group score = sum of its top-2 biased scores
+            biased = self._limit(biased, self.n_groups, self.topk_groups, 2)
+        if self.max_nodes and self.n_nodes > self.max_nodes:  # node-limited: top k/M per node
+            per_node = max(1, self.topk // self.max_nodes)
+            biased = self._limit(biased, self.n_nodes, self.max_nodes, per_node)
+        ids = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).type_as(x), ids, scores
+
+
+class Experts(nn.Module):
+    """A block of routed experts held as stacked weights [n_local, out, in].
+
+    `first_expert` is the global id of expert 0 of this block (non-zero under expert
+    parallelism); initialisation seeds every expert by its global id.
+    """
+
+    def __init__(self, n_local: int, dim: int, inter_dim: int, first_expert: int = 0):
+        super().__init__()
+        self.n_local, self.first_expert = n_local, first_expert
+        self.w1 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_local, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
+        self.fp8 = False
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [M, dim], rows grouped by local expert (counts[e] rows for expert e) → [M, dim]."""
+        if self.fp8:
+            from model.fp8 import fp8_linear as linear
+        else:
+            linear = F.linear
+        outs = []
+        for e, chunk in enumerate(torch.split(x, counts)):
+            if chunk.shape[0] == 0:
+                outs.append(chunk)
+                continue
+            h = F.silu(linear(chunk, self.w1[e])) * linear(chunk, self.w3[e])
+            outs.append(linear(h, self.w2[e]))
+        return torch.cat(outs) if outs else x
+
+
+def permute_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order of the N·k (token, slot) pairs grouped by expert (stable), and tokens per expert."""
+    flat = ids.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return order, counts
+
+
+def combine_topk(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Undo `permute_by_expert` and sum each token's k expert outputs, weighted by its gates."""
+    n, k = weights.shape
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted
+    return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
+        """x [N, dim], ids/weights [N, k] → Σ_k weights · expert_ids(x), shape [N, dim]. Dropless."""
+        ...
+
+
+class LocalDispatcher:
+    """All experts live in this process: permute, grouped expert compute, combine."""
+
+    def __call__(self, x, ids, weights, experts: Experts):
+        order, counts = permute_by_expert(ids, experts.n_local)
+        k = ids.shape[1]
+        y_sorted = experts(x[order // k], counts.tolist())
+        return combine_topk(y_sorted, order, weights)
+
+
+def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sequence-wise balance loss α·Σ_i f_i·P_i, averaged over sequences (DeepSeek-V3 eq. 17–20).
+
+    scores [B, T, E] (unbiased affinities), ids [B, T, k]. f_i = E/(k·T)·#tokens of the sequence
+    routed to i (no gradient); P_i = mean over the sequence of the normalised affinity s_i/Σ_j s_j.
+    """
+    bsz, seq, n_exp = scores.shape
+    k = ids.shape[-1]
+    counts = torch.zeros(bsz, n_exp, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, ids.view(bsz, -1), torch.ones(bsz, seq * k, device=scores.device, dtype=scores.dtype))
+    f = counts * (n_exp / (k * seq))
+    p = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
+    return alpha * (f * p).sum(-1).mean()
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `out` whose backward also sends gradient 1 into `aux`.
+
+    Lets every MoE layer contribute its balance loss to the gradient wherever the layer lives
+    (any pipeline stage), without threading aux losses through the stage outputs.
+    """
+
+    @staticmethod
+    def forward(ctx, out, aux):
+        ctx.save_for_backward(aux)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (aux,) = ctx.saved_tensors
+        return grad, torch.ones_like(aux)
+
+
+def _in_backward() -> bool:
+    """True while autograd re-runs a forward for activation recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.alpha = cfg.n_routed_experts, cfg.balance_alpha
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        # Scale of the balance-loss gradient (the trainer sets 1/#micro-batches, like the LM loss).
+        self.aux_loss_scale = 1.0
+        # Step statistics, read and reset by the trainer: routed tokens per expert (global ids) and
+        # the summed balance loss of this step's forwards.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, ids, scores = self.gate(flat)
+        aux = None
+        if self.training and self.alpha > 0:
+            aux = sequence_balance_loss(scores.view(bsz, seq, -1), ids.view(bsz, seq, -1), self.alpha)
+        if self.training and not _in_backward():
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.n_experts).to(self.tokens_per_expert)
+                if aux is not None:
+                    self.aux_loss_sum += aux.detach() * self.aux_loss_scale
+        y = self.dispatcher(flat, ids, weights, self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        y = y.view(bsz, seq, dim)
+        if aux is not None and torch.is_grad_enabled():
+            y = _AttachAuxLoss.apply(y, aux * self.aux_loss_scale)
+        return y
+
+
+@torch.no_grad()
+def bias_update(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing: b_i += γ·sign(mean_load − load_i) (overloaded experts lose bias)."""
+    bias += gamma * torch.sign(load.float().mean() - load.float())

@@ -1,0 +1,182 @@
+"""The DeepSeek-V3 model, buildable whole or as one pipeline stage.
+
+Layers live in a ModuleDict keyed by their global index, so a stage that holds layers 4..7
+names its parameters exactly as the whole model does ("layers.5.attn.wq_a.weight"). That makes
+per-name seeded initialisation, checkpoints and gradient comparisons layout-independent.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import MLA
+from model.config import ModelConfig
+from model.layers import MLP, Linear, RMSNorm, rope_cache
+from model.moe import MoE, Experts, Router, bias_update
+from model.mtp import MTPModule
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
+        self.recompute = False  # set_recompute(model, "full"): keep only the block input for backward
+
+    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # lm_loss + λ·mtp_loss (balance losses reach the gradient inside the MoE layers)
+    lm_loss: torch.Tensor
+    mtp_loss: Optional[torch.Tensor]
+
+
+class DeepSeekV3(nn.Module):
+    """Embedding → blocks → final norm → head, plus MTP depths that share embedding and head.
+
+    `layer_ids`, `has_embed`, `has_head` select one pipeline stage; the defaults build the whole
+    model. The head stage also holds the MTP modules and (for them) the embedding.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_ids: Optional[Iterable[int]] = None,
+        has_embed: bool = True,
+        has_head: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.has_embed, self.has_head = has_embed, has_head
+        ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
+        needs_embed = has_embed or (has_head and cfg.mtp_depth > 0)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in ids})
+        if has_head:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.head = Linear(cfg.dim, cfg.vocab_size)
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth))
+        else:
+            self.norm = self.head = self.mtp = None
+        self.register_buffer("rope", rope_cache(cfg), persistent=False)
+
+    # ----- forward pieces (the pipeline runtime calls these per stage) -----
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+    def forward_layers(self, h: torch.Tensor) -> torch.Tensor:
+        rope = self.rope[: h.shape[1]]
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h))
+
+    def head_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+        """Main next-token loss plus the MTP losses, from the last block's output h [B, T, dim]."""
+        rep = self.norm(h)
+        lm_loss = F.cross_entropy(self.head(rep).flatten(0, 1).float(), labels.flatten())
+        if not self.mtp:
+            return LossOutput(lm_loss, lm_loss, None)
+        seq = h.shape[1]
+        mtp_losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            # depth k at position i: h^{k-1}_i and Emb(t_{i+k}) → predict t_{i+k+1} = labels[i+k]
+            rep = module(rep[:, :-1], self.embed(input_ids[:, k:]), self.rope[: seq - k])
+            logits = self.head(rep)
+            mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten()))
+        mtp_loss = torch.stack(mtp_losses).mean()
+        return LossOutput(lm_loss + self.cfg.mtp_lambda * mtp_loss, lm_loss, mtp_loss)
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+        """Whole model: token ids [B, T] → logits [B, T, V], or a LossOutput when labels are given."""
+        h = self.forward_layers(self.embed_tokens(input_ids))
+        return self.logits(h) if labels is None else self.head_loss(h, input_ids, labels)
+
+    # ----- MoE bookkeeping -----
+    def moe_layers(self) -> dict[str, MoE]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        for m in self.moe_layers().values():
+            m.aux_loss_scale = scale
+
+    def set_expert_nodes(self, n_nodes: int) -> None:
+        """How many nodes the routed experts are spread over (for node-limited routing)."""
+        for m in self.moe_layers().values():
+            m.gate.n_nodes = n_nodes
+
+    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
+        """Apply the aux-loss-free bias rule with each MoE layer's GLOBAL load of the step."""
+        for name, m in self.moe_layers().items():
+            bias_update(m.gate.bias, loads[name], self.cfg.bias_update_gamma)
+
+    # ----- initialisation -----
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seed every parameter (every expert) by its global name, so any sharding or stage split
+        reproduces the single-process values. Norm weights are 1, biases 0, the rest N(0, init_std)."""
+        std = self.cfg.init_std
+        for mod_name, mod in self.named_modules():
+            for p_name, p in mod.named_parameters(recurse=False):
+                name = f"{mod_name}.{p_name}" if mod_name else p_name
+                if isinstance(mod, RMSNorm):
+                    p.fill_(1.0)
+                elif isinstance(mod, Experts):
+                    for e in range(mod.n_local):
+                        p[e].copy_(_seeded_normal(p[e].shape, std, seed, f"{name}[{mod.first_expert + e}]"))
+                elif p_name == "bias" and not isinstance(mod, Router):
+                    p.zero_()
+                else:
+                    p.copy_(_seeded_normal(p.shape, std, seed, name))
+            if isinstance(mod, Router):
+                mod.bias.zero_()
+
+
+def _seeded_normal(shape, std: float, seed: int, key: str) -> torch.Tensor:
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+    return torch.randn(shape, generator=gen) * std
+
+
+def enable_fp8(model: nn.Module) -> int:
+    """Run attention and expert/MLP projections in FP8 (the paper's split): embedding, head,
+    router, norms and the attention core stay in high precision. Returns how many were switched."""
+    n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, (Linear, Experts)) and not name.endswith("head"):
+            mod.fp8 = True
+            n += 1
+    return n
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """'none' | 'norm_and_up_proj' (recompute MLA latent norms + up-projections) | 'full' (per block)."""
+    if mode not in ("none", "norm_and_up_proj", "full"):
+        raise ValueError(f"train.recompute: expected none|norm_and_up_proj|full, got {mode!r}")
+    for mod in model.modules():
+        if isinstance(mod, MLA):
+            mod.recompute_up_proj = mode == "norm_and_up_proj"
+        if isinstance(mod, Block):
+            mod.recompute = mode == "full"
