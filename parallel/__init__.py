@@ -1,0 +1,1 @@
+"""Everything that knows about ranks: topology, dispatch, pipeline schedules, ZeRO."""
