@@ -84,13 +84,16 @@ class Experts(nn.Module):
             from model.fp8 import fp8_linear as linear
         else:
             linear = F.linear
+        # unbind once: indexing w[e] per expert would make backward allocate a zero [E, out, in]
+        # gradient for every expert; unbind's backward is a single stack.
+        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
         outs = []
         for e, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
                 outs.append(chunk)
                 continue
-            h = F.silu(linear(chunk, self.w1[e])) * linear(chunk, self.w3[e])
-            outs.append(linear(h, self.w2[e]))
+            h = F.silu(linear(chunk, w1[e])) * linear(chunk, w3[e])
+            outs.append(linear(h, w2[e]))
         return torch.cat(outs) if outs else x
 
 
