@@ -1,0 +1,1 @@
+"""Training loop: build → step → log → checkpoint; data pipeline; lr schedule; metrics; EMA."""
