@@ -1,0 +1,43 @@
+"""Training entry point (Hydra). One process, or one per rank under torchrun:
+
+    python -m launch.train model=toy train.steps=50
+    torchrun --standalone --nproc_per_node 4 -m launch.train parallel.ep=2 run.dir=runs/demo
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from launch.errors import exit_with, precheck_overrides, user_error_types
+from trainer.config import register_configs
+
+register_configs()
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from trainer.trainer import Trainer
+
+    if not torch.cuda.is_available():
+        # Threads per rank: share the cores between the ranks of this machine.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    try:
+        Trainer(cfg).train()
+    except user_error_types() as err:
+        exit_with(err)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    precheck_overrides(CONFIG_DIR, sys.argv[1:])
+    main()

@@ -1,0 +1,155 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP), reshardable across layouts.
+
+Every tensor is keyed by its GLOBAL name, and each routed expert gets its own key
+("layers.3.ffn.experts.w1.7"), so a checkpoint written under one (pp, dp, ep) loads under any
+other: a rank simply asks for the keys it holds. Replicated tensors are de-duplicated by DCP.
+
+A step folder is written as `step_N.tmp/` and renamed to `step_N/` by rank 0 only after every
+rank finished and `meta.json` is written: a folder named step_N is complete or absent. Resume
+picks the newest one that loads; a folder that fails to load is reported by name and skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from model.moe import Experts
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def tensor_items(named: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Split stacked expert tensors into one view per global expert id."""
+    out = {}
+    for name, t in named.items():
+        mod_name = name.rsplit(".", 1)[0]
+        mod = modules.get(mod_name)
+        if isinstance(mod, Experts) and t.dim() >= 1 and t.shape[0] == mod.n_local:
+            for e in range(mod.n_local):
+                out[f"{name}.{mod.first_expert + e}"] = t[e]
+        else:
+            out[name] = t
+    return out
+
+
+def model_state(model: torch.nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    named = {**dict(model.named_parameters()), **{n: b for n, b in model.named_buffers() if _persistent(model, n)}}
+    return {prefix + k: v for k, v in tensor_items(named, modules).items()}
+
+
+def _persistent(model: torch.nn.Module, name: str) -> bool:
+    mod_name, _, buf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return buf not in mod._non_persistent_buffers_set
+
+
+def adamw_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> dict[str, torch.Tensor]:
+    """AdamW moments keyed by parameter name (materialised at zero if the optimizer has not stepped)."""
+    modules = dict(model.named_modules())
+    named = {}
+    for name, p in model.named_parameters():
+        st = optimizer.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        named[f"{name}.exp_avg"] = st["exp_avg"]
+        named[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
+        named[f"{name}.step"] = st["step"]
+    # exp_avg of an Experts weight is stacked like the weight: split it per expert too
+    out = {}
+    for key, t in named.items():
+        pname, kind = key.rsplit(".", 1)
+        mod = modules.get(pname.rsplit(".", 1)[0])
+        if isinstance(mod, Experts) and kind != "step":
+            for e in range(mod.n_local):
+                out[f"{prefix}{pname}.{mod.first_expert + e}.{kind}"] = t[e]
+        else:
+            out[prefix + key] = t
+    return out
+
+
+def list_complete(ckpt_root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = []
+    for d in os.listdir(ckpt_root):
+        m = re.fullmatch(r"step_(\d+)", d)
+        path = os.path.join(ckpt_root, d)
+        if m and os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(os.path.join(path, ".metadata")):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save(ckpt_root: str, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int, rank: int) -> str:
+    final = os.path.join(ckpt_root, f"step_{step}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, exist_ok=True)
+    _barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"step": step, **meta}, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in list_complete(ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_newest(ckpt_root: str, state_fn: Callable[[], dict[str, torch.Tensor]], explicit: Optional[str] = None):
+    """Load the newest complete checkpoint (or `explicit`) into the tensors of state_fn().
+
+    Returns its meta dict, or None when there is nothing to resume. A folder that fails to load
+    (truncated, corrupted) is named in a warning and the next older one is tried; every rank
+    takes the same decision because each one's failure is agreed on with an all-reduce.
+    """
+    candidates = [(0, explicit)] if explicit else list(reversed(list_complete(ckpt_root)))
+    for _, path in candidates:
+        ok, err = True, ""
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                meta = json.load(f)
+            dcp.load(state_fn(), checkpoint_id=path)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure: folder unusable
+            # (DCP's CheckpointException derives from BaseException, not Exception)
+            ok, err = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if _dist():
+            flag = torch.tensor([0.0 if ok else 1.0])
+            dist.all_reduce(flag)
+            ok = ok and flag.item() == 0
+        if ok:
+            return meta
+        if explicit:
+            raise CheckpointError(f"checkpoint.resume: cannot load {path}: {err or 'failed on another rank'}")
+        log.warning("checkpoint %s is unusable (%s); trying an older one", path, err or "failed on another rank")
+        print(f"warning: checkpoint {path} is unusable ({err or 'failed on another rank'}); trying an older one",
+              flush=True)
+    return None

@@ -1,0 +1,106 @@
+"""Structured Hydra configs: the schema of every key in configs/ (unknown keys and wrong types
+are rejected by Hydra before anything runs). The run contract in DESIGN.md names these keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from model.config import ModelConfig
+from trainer.data import DataConfig
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    dp: int = 0  # 0 = world_size / pp
+    ep: int = 1
+    schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
+    gpus_per_node: int = 8  # a "node" for node-limited routing and a2a byte accounting
+    layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = balanced by layer cost
+    timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
+    micro_batch: int = 4  # sequences per micro-batch on one rank
+    seq_len: int = 128
+    seed: int = 0
+    lr: float = 2.2e-4 * 10  # peak learning rate (toy models like a larger one than the paper's)
+    min_lr: float = 2.2e-5 * 10
+    warmup_steps: int = 20
+    decay_start: float = 0.5  # fraction of steps after which the cosine decay starts
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    recompute: str = "none"  # none | norm_and_up_proj | full
+    ema_decay: float = 0.0  # > 0 keeps a CPU EMA of the parameters
+    exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
+    eval_every: int = 0
+    eval_batches: int = 4
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "dsv3"
+    name: Optional[str] = None
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = measure an fp32/bf16 matmul at start-up
+    log_expert_load_per_layer: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints (0 = only at the end if final=true)
+    resume: str = "auto"  # auto | none | <path to a step_N folder>
+    final: bool = False
+    keep: int = 3
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: int = -1  # fault injection: kill a rank hard at this step ...
+    fail_rank: int = 0  # ... this rank ...
+    fail_once: bool = True  # ... on the first attempt only
+    record_timeline: bool = False
+
+
+@dataclass
+class PlanConfig:
+    format: str = "table"  # table | json
+    mode: str = "model"  # model | schedule | full
+    hardware: str = "h800"
+    achievable_fraction: float = 0.4
+    cost: dict = field(default_factory=lambda: {"f": 1.0, "b": 2.0, "w": 1.0, "fb": 2.5, "p2p": 0.0})
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    precision: str = "fp32"  # fp32 | bf16 | fp8
+    hardware: Any = None  # filled from configs/hardware by the planner
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)

@@ -1,0 +1,303 @@
+"""The training loop: build → (resume) → step → log → checkpoint.
+
+Order matters for the run contract's promise that bad input fails cleanly: every config,
+layout and data check runs BEFORE the process group exists, so a user error is one line on
+every rank and no collective ever starts.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from model import ConfigError, DeepSeekV3, ModelConfig, enable_fp8, set_recompute
+from model.flops import count_params, train_flops_per_token
+from parallel.grads import clip_grads_, global_grad_norm, optimizer_state_bytes
+from trainer import checkpoint as ckpt
+from trainer.data import TokenDataset
+from trainer.engine import LocalEngine
+from trainer.lr import lr_at
+from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
+
+
+@dataclass
+class Layout:
+    world: int
+    rank: int
+    pp: int
+    dp: int
+    ep: int
+
+
+def resolve_layout(cfg) -> Layout:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    pp = cfg.parallel.pp
+    dp = cfg.parallel.dp or max(world // max(pp, 1), 1)
+    return Layout(world, rank, pp, dp, cfg.parallel.ep)
+
+
+def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
+    """All static checks; returns micro-batches per rank per step. Raises named errors."""
+    from parallel.topology import validate_layout
+
+    validate_layout(
+        world_size=layout.world, pp=layout.pp, dp=layout.dp, ep=layout.ep,
+        gpus_per_node=cfg.parallel.gpus_per_node, n_routed_experts=model_cfg.n_routed_experts,
+        max_nodes_per_token=model_cfg.max_nodes_per_token,
+        n_activated_experts=model_cfg.n_activated_experts,
+    )
+    t = cfg.train
+    if t.steps < 1:
+        raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
+    if t.micro_batch < 1 or t.global_batch % (layout.dp * t.micro_batch):
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} must be a multiple of parallel.dp × train.micro_batch "
+            f"= {layout.dp} × {t.micro_batch}")
+    if t.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+    if cfg.precision not in ("fp32", "bf16", "fp8"):
+        raise ConfigError(f"precision: expected fp32|bf16|fp8, got {cfg.precision!r}")
+    if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
+        raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
+    if layout.pp > 1:
+        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this build yet")
+    return t.global_batch // (layout.dp * t.micro_batch)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        model_dict = OmegaConf.to_container(cfg.model, resolve=True)
+        self.model_cfg = ModelConfig.from_dict(model_dict)
+        self.layout = resolve_layout(cfg)
+        self.n_micro = validate(cfg, self.model_cfg, self.layout)
+        set_recompute(torch.nn.Module(), cfg.train.recompute)  # validates the value only
+        self.data = TokenDataset(cfg.data, cfg.train.seq_len)
+        if self.data.vocab_size > self.model_cfg.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
+                f"vocabulary data.vocab_size={self.data.vocab_size}")
+        self.rank, self.is_main = self.layout.rank, self.layout.rank == 0
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.topo = None
+        if self.layout.world > 1:
+            self._init_distributed()
+        self._build()
+
+    # ------------------------------------------------------------------ build
+    def _init_distributed(self) -> None:
+        from parallel.topology import Topology
+
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.cfg.parallel.timeout_s))
+        p = self.cfg.parallel
+        self.topo = Topology.from_env(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node)
+
+    def _build(self) -> None:
+        cfg, mcfg = self.cfg, self.model_cfg
+        torch.manual_seed(cfg.train.seed)
+        self.model = DeepSeekV3(mcfg)
+        if self.topo is not None and self.layout.ep > 1:
+            from parallel.dispatch import apply_expert_parallel
+
+            apply_expert_parallel(self.model, self.topo)
+        elif self.layout.ep == 1 and mcfg.max_nodes_per_token:
+            self.model.set_expert_nodes(1)
+        self.model.init_weights(cfg.train.seed)
+        self.model.to(self.device)
+        if cfg.precision == "fp8":
+            enable_fp8(self.model)
+        set_recompute(self.model, cfg.train.recompute)
+        self.engine = LocalEngine(self.model)
+
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+        self.ema = None
+        if t.ema_decay > 0:
+            from trainer.ema import CPUEMA
+
+            self.ema = CPUEMA(self.model, decay=t.ema_decay)
+
+        counts = count_params(mcfg)
+        self.flops_per_token = train_flops_per_token(mcfg, t.seq_len)
+        self.params_total, self.params_activated = counts.total, counts.activated
+        if cfg.logging.peak_tflops > 0:
+            self.peak_flops = cfg.logging.peak_tflops * 1e12
+        else:
+            dtype = torch.bfloat16 if (cfg.precision != "fp32" and self.device.type == "cuda") else torch.float32
+            self.peak_flops = measure_peak_flops(self.device, dtype)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def _state(self) -> dict:
+        state = {**ckpt.model_state(self.model), **ckpt.adamw_state(self.model, self.optimizer)}
+        if self.ema is not None:
+            state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        return state
+
+    def _ckpt_root(self) -> str:
+        return os.path.join(self.cfg.run.dir, "checkpoints")
+
+    def _resume(self) -> int:
+        mode = self.cfg.checkpoint.resume
+        if mode == "none":
+            return 0
+        explicit = None if mode == "auto" else mode
+        had_any = bool(explicit) or bool(ckpt.list_complete(self._ckpt_root()))
+        meta = ckpt.load_newest(self._ckpt_root(), self._state, explicit)
+        if meta is None:
+            if had_any:  # a failed load may have written into some tensors: start clean
+                self.model.init_weights(self.cfg.train.seed)
+                self.optimizer.state.clear()
+            return 0
+        if meta.get("global_batch") != self.cfg.train.global_batch:
+            raise ConfigError(
+                f"train.global_batch={self.cfg.train.global_batch} differs from the checkpoint's "
+                f"{meta.get('global_batch')}: the data position would not line up")
+        if self.is_main:
+            print(f"resumed from {self.cfg.run.dir}/checkpoints/step_{meta['step']}", flush=True)
+        return int(meta["step"])
+
+    def _save(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.wait()
+        meta = {
+            "global_batch": self.cfg.train.global_batch,
+            "samples_seen": step * self.cfg.train.global_batch,
+            "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
+                       "schedule": self.cfg.parallel.schedule},
+            "rng": {"torch": torch.get_rng_state().tolist()[:8]},
+        }
+        ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
+
+    # ------------------------------------------------------------------ the loop
+    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+        t, dp_rank = self.cfg.train, (self.topo.dp_rank if self.topo is not None else 0)
+        per_rank = t.global_batch // self.layout.dp
+        first = step * t.global_batch + dp_rank * per_rank
+        tokens = torch.from_numpy(self.data.batch(range(first, first + per_rank))).to(self.device)
+        return list(tokens.split(t.micro_batch))
+
+    def _reduce_gradients(self) -> None:
+        if self.topo is not None:
+            from parallel.dispatch import allreduce_gradients
+
+            allreduce_gradients(self.model, self.topo)
+
+    def _expert_loads(self) -> dict[str, torch.Tensor]:
+        if self.topo is not None:
+            from parallel.dispatch import global_expert_load
+
+            return global_expert_load(self.model, self.topo)
+        return {n: m.tokens_per_expert.clone() for n, m in self.model.moe_layers().items()}
+
+    def _global_mean(self, values: list[float]) -> list[float]:
+        """Average per-rank values over data-parallel replicas (sum over PP stages)."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.topo is not None:
+            dist.all_reduce(t)
+            t /= self.layout.dp
+        return t.tolist()
+
+    def _maybe_fail(self, step: int) -> None:
+        d = self.cfg.debug
+        if d.fail_at_step == step and d.fail_rank == self.rank:
+            attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+            if not d.fail_once or attempt == 0:
+                print(f"debug: rank {self.rank} fails hard at step {step} (attempt {attempt})", flush=True)
+                os._exit(13)
+
+    def train(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        start = self._resume()
+        sink = None
+        if self.is_main:
+            os.makedirs(cfg.run.dir, exist_ok=True)
+            OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
+            sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), t.steps, start)
+        tokens_per_step = t.global_batch * t.seq_len
+        try:
+            for step in range(start, t.steps):
+                self._maybe_fail(step + 1)
+                t0 = time.perf_counter()
+                lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                losses = self.engine.forward_backward(self._micro_batches(step))
+                self._reduce_gradients()
+                grad_norm = global_grad_norm(
+                    self.model.named_parameters(),
+                    ep_group=self.topo.ep_group if self.topo is not None else None)
+                clip_grads_(self.model.parameters(), grad_norm, t.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                loads = self._expert_loads()
+                self.model.update_router_biases(loads)
+                aux = sum(float(m.aux_loss_sum) for m in self.model.moe_layers().values())
+                for m in self.model.moe_layers().values():
+                    m.tokens_per_expert.zero_()
+                    m.aux_loss_sum.zero_()
+                if self.ema is not None:
+                    self.ema.update(self.model)
+                lm, mtp, aux = self._global_mean([float(losses.lm), float(losses.mtp), aux])
+                dt = time.perf_counter() - t0
+                step_no = step + 1
+                if sink is not None:
+                    sink.log(step_no, self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
+                             extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
+                saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
+                if saved:
+                    self._save(step_no)
+                if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < t.steps:
+                    if not saved:
+                        self._save(step_no)
+                    return
+            if cfg.checkpoint.final and not (cfg.checkpoint.every and t.steps % cfg.checkpoint.every == 0):
+                self._save(t.steps)
+        finally:
+            if sink is not None:
+                sink.close()
+            if self.ema is not None:
+                self.ema.close()
+
+    def _record(self, lm, mtp, aux, grad_norm, lr, tokens_per_s, dt, loads) -> dict:
+        cvs = [float(l.std(unbiased=False) / l.mean().clamp_min(1e-9)) for l in loads.values()]
+        mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.layout.world)
+        return {
+            "loss": lm + self.model_cfg.mtp_lambda * mtp + aux,
+            "lm_loss": lm,
+            "mtp_loss": mtp,
+            "aux_loss": aux,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
+            "step_time_s": dt,
+            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+        }
+
+    @staticmethod
+    def _per_layer_load(loads) -> dict:
+        out = {}
+        for name, l in loads.items():
+            frac = l / l.sum().clamp_min(1)
+            out[f"expert_load/{name}/min"] = float(frac.min())
+            out[f"expert_load/{name}/max"] = float(frac.max())
+            out[f"expert_load/{name}/cv"] = float(l.std(unbiased=False) / l.mean().clamp_min(1e-9))
+        return out
