@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +26,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from model.moe import Experts
 
 log = logging.getLogger(__name__)
+# A single-process run saves and loads without a process group, which is what we intend.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 class CheckpointError(RuntimeError):

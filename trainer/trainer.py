@@ -145,8 +145,9 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
     def _state(self) -> dict:
         state = {**ckpt.model_state(self.model), **ckpt.adamw_state(self.model, self.optimizer)}
-        if self.ema is not None:
-            state.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
+            modules = dict(self.model.named_modules())
+            state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), modules).items()})
         return state
 
     def _ckpt_root(self) -> str:
@@ -168,6 +169,8 @@ class Trainer:
             raise ConfigError(
                 f"train.global_batch={self.cfg.train.global_batch} differs from the checkpoint's "
                 f"{meta.get('global_batch')}: the data position would not line up")
+        if self.ema is not None:
+            self.ema.num_updates = int(meta.get("ema_updates", 0))
         if self.is_main:
             print(f"resumed from {self.cfg.run.dir}/checkpoints/step_{meta['step']}", flush=True)
         return int(meta["step"])
@@ -180,7 +183,7 @@ class Trainer:
             "samples_seen": step * self.cfg.train.global_batch,
             "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
                        "schedule": self.cfg.parallel.schedule},
-            "rng": {"torch": torch.get_rng_state().tolist()[:8]},
+            "ema_updates": self.ema.num_updates if self.ema is not None else 0,
         }
         ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
 
