@@ -25,9 +25,10 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = 150
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
     micro_batch: int = 4  # sequences per micro-batch on one rank
+    microbatches: int = 0  # micro-batches per rank per step; 0 = global_batch / (dp · micro_batch)
     seq_len: int = 128
     seed: int = 0
     lr: float = 2.2e-4 * 10  # peak learning rate (toy models like a larger one than the paper's)
@@ -80,10 +81,19 @@ class DebugConfig:
 @dataclass
 class PlanConfig:
     format: str = "table"  # table | json
-    mode: str = "model"  # model | schedule | full
-    hardware: str = "h800"
-    achievable_fraction: float = 0.4
+    mode: str = "auto"  # auto (full when the layout has > 1 rank, else model) | model | schedule | full
+    hardware: str = "h800"  # configs/hardware/<name>.yaml
+    achievable_fraction: float = 0.4  # fraction of the dense peak TFLOP/s the kernels reach
     cost: dict = field(default_factory=lambda: {"f": 1.0, "b": 2.0, "w": 1.0, "fb": 2.5, "p2p": 0.0})
+    # The training shape being planned; 0 / "" = take it from train.* / precision.
+    world_size: int = 0  # 0 = parallel.pp × parallel.dp
+    global_batch: int = 0
+    micro_batch: int = 0
+    seq_len: int = 0
+    precision: str = ""  # fp32 | bf16 | fp8 (fp8 = the paper's recipe: FP8 GEMMs and activation caching)
+    recompute: str = ""  # none | norm_and_up_proj | full
+    zero: bool = True  # ZeRO-1: optimizer states sharded over DP (non-expert) / expert-DP (experts)
+    sensitivity: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])  # achievable fractions
 
 
 @dataclass

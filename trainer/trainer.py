@@ -216,6 +216,18 @@ class Trainer:
             t /= self.layout.dp
         return t.tolist()
 
+    def _a2a_stats(self) -> dict:
+        """All-to-all bytes of this step (dispatch + combine, sent + received), summed over ranks."""
+        keys = ("a2a_bytes_intra_node", "a2a_bytes_inter_node")
+        totals = torch.zeros(len(keys), dtype=torch.float64)
+        for m in self.model.moe_layers().values():
+            if hasattr(m.dispatcher, "reset_stats"):
+                st = m.dispatcher.reset_stats()
+                totals += torch.tensor([float(st.get(k, 0)) for k in keys], dtype=torch.float64)
+        if self.topo is not None:
+            dist.all_reduce(totals)
+        return {k: int(v) for k, v in zip(keys, totals.tolist())}
+
     def _maybe_fail(self, step: int) -> None:
         d = self.cfg.debug
         if d.fail_at_step == step and d.fail_rank == self.rank:
@@ -251,6 +263,7 @@ class Trainer:
                 loads = self._expert_loads()
                 self.model.update_router_biases(loads)
                 aux = sum(float(m.aux_loss_sum) for m in self.model.moe_layers().values())
+                a2a = self._a2a_stats()
                 for m in self.model.moe_layers().values():
                     m.tokens_per_expert.zero_()
                     m.aux_loss_sum.zero_()
@@ -260,7 +273,7 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 step_no = step + 1
                 if sink is not None:
-                    sink.log(step_no, self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
+                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads), **a2a},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
                 saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
                 if saved:
