@@ -1,0 +1,306 @@
+"""Topology: the PP × DP (× EP inside DP) layout, its validation, and every process group.
+
+Rank layout (kept fixed; other modules rely on it)::
+
+    world = pp × dp,    rank = pp_rank · dp + dp_rank
+
+so CONSECUTIVE RANKS SHARE A PIPELINE STAGE (torchrun puts consecutive ranks on one node, so a
+stage's data-parallel/expert-parallel traffic stays as local as possible; pipeline p2p crosses
+nodes). Inside the dp ranks of one stage:
+
+    dp_rank = edp_rank · ep + ep_rank
+
+- EP group: the ``ep`` consecutive dp indices of one stage (same pp_rank, same edp_rank). Each
+  EP rank holds n_routed_experts/ep experts of every MoE layer (global ids
+  ``ep_rank·n_local … ep_rank·n_local + n_local − 1``).
+- expert-DP group: same pp_rank, same ep_rank (size dp/ep): the replicas of one expert shard.
+- DP group: same pp_rank (size dp): replicas of the non-expert parameters.
+- PP group: same dp_rank (size pp): one pipeline.
+- DualPipe stage pair: ranks with pipeline indices r and pp−1−r and the same dp index (they hold
+  the same two stages); for odd pp the middle stage pairs with itself.
+- A "node" is ``gpus_per_node`` consecutive EP ranks; an EP group spans
+  ``n_nodes_ep = ceil(ep / gpus_per_node)`` nodes (the unit of node-limited routing).
+
+`validate_layout` is a pure function and raises `LayoutError` naming the offending key; call it
+(or `init_distributed`, which does) BEFORE any process group exists, so a bad layout never
+leaves half-initialised collectives behind. `Layout` is the pure rank arithmetic (no processes);
+`Topology` adds this process's rank, the DeviceMesh ("pp", "dp") and the process groups, each
+built exactly once. Backend: NCCL when CUDA is available, gloo otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+
+
+class LayoutError(ValueError):
+    """The parallel layout is inconsistent. The message names the offending key."""
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Pure rank arithmetic of a validated layout (no processes, no groups)."""
+
+    world_size: int
+    pp: int
+    dp: int
+    ep: int
+    gpus_per_node: int
+
+    @property
+    def edp(self) -> int:
+        return self.dp // self.ep
+
+    @property
+    def n_nodes_ep(self) -> int:
+        """Nodes spanned by one EP group (a node = gpus_per_node consecutive EP ranks)."""
+        return math.ceil(self.ep / self.gpus_per_node)
+
+    def rank_of(self, pp_rank: int, dp_rank: int) -> int:
+        return pp_rank * self.dp + dp_rank
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """rank → {pp_rank, dp_rank, ep_rank, edp_rank, ep_node} (ep_node = node inside the EP group)."""
+        if not 0 <= rank < self.world_size:
+            raise LayoutError(f"rank {rank} outside world size {self.world_size}")
+        pp_rank, dp_rank = divmod(rank, self.dp)
+        edp_rank, ep_rank = divmod(dp_rank, self.ep)
+        return {"pp_rank": pp_rank, "dp_rank": dp_rank, "ep_rank": ep_rank, "edp_rank": edp_rank,
+                "ep_node": ep_rank // self.gpus_per_node}
+
+    # every group of each kind, as lists of global ranks (the order process groups are built in)
+    def pp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, d) for p in range(self.pp)] for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, d) for d in range(self.dp)] for p in range(self.pp)]
+
+    def ep_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, e * self.ep + i) for i in range(self.ep)]
+                for p in range(self.pp) for e in range(self.edp)]
+
+    def edp_groups(self) -> list[list[int]]:
+        return [[self.rank_of(p, e * self.ep + i) for e in range(self.edp)]
+                for p in range(self.pp) for i in range(self.ep)]
+
+    def stage_pair_groups(self) -> list[list[int]]:
+        out = []
+        for d in range(self.dp):
+            for r in range((self.pp + 1) // 2):
+                out.append(sorted({self.rank_of(r, d), self.rank_of(self.pp - 1 - r, d)}))
+        return out
+
+    def group_of(self, kind: str, rank: int) -> list[int]:
+        """The ranks of `rank`'s group of `kind` (pp | dp | ep | edp | stage_pair)."""
+        groups = getattr(self, f"{kind}_groups")()
+        return next(g for g in groups if rank in g)
+
+
+def validate_layout(
+    world_size: int,
+    pp: int,
+    dp: Optional[int] = None,
+    ep: int = 1,
+    gpus_per_node: int = 8,
+    n_routed_experts: Optional[int] = None,
+    max_nodes_per_token: int = 0,
+    n_activated_experts: Optional[int] = None,
+) -> Layout:
+    """Check a layout against the world size and (optionally) the model; return the Layout.
+
+    dp = 0/None means world_size // pp. Pure: no torch.distributed calls. Raises LayoutError.
+    A node limit with a single node in the EP group is vacuous (allowed: the same model config
+    runs on one process); with several nodes it must not exceed their number.
+    """
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise LayoutError(msg)
+
+    def positive_int(v, key: str) -> None:
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
+
+    positive_int(world_size, "world size")
+    positive_int(pp, "parallel.pp")
+    if dp in (0, None):
+        need(world_size % pp == 0, f"parallel.pp={pp} does not divide world size {world_size}")
+        dp = world_size // pp
+    positive_int(dp, "parallel.dp")
+    need(pp * dp == world_size, f"parallel.pp*parallel.dp={pp * dp} != world size {world_size}")
+    positive_int(ep, "parallel.ep")
+    need(dp % ep == 0, f"parallel.ep={ep} does not divide parallel.dp={dp}")
+    positive_int(gpus_per_node, "parallel.gpus_per_node")
+    need(ep <= gpus_per_node or ep % gpus_per_node == 0,
+         f"parallel.ep={ep} is not a multiple of parallel.gpus_per_node={gpus_per_node} "
+         "(an EP group larger than a node must span whole nodes)")
+    layout = Layout(world_size, pp, dp, ep, gpus_per_node)
+    if n_routed_experts is not None:
+        need(n_routed_experts % ep == 0,
+             f"model.n_routed_experts={n_routed_experts} not divisible by parallel.ep={ep}")
+    n_nodes = layout.n_nodes_ep
+    if max_nodes_per_token:
+        need(max_nodes_per_token >= 0, f"model.max_nodes_per_token={max_nodes_per_token} must be >= 0")
+        need(n_nodes == 1 or max_nodes_per_token <= n_nodes,
+             f"model.max_nodes_per_token={max_nodes_per_token} > nodes in an EP group ({n_nodes})")
+        if n_nodes > 1 and max_nodes_per_token < n_nodes and n_routed_experts and n_activated_experts:
+            per_node = n_routed_experts // n_nodes
+            need(n_activated_experts <= max_nodes_per_token * per_node,
+                 f"model.n_activated_experts={n_activated_experts} > model.max_nodes_per_token="
+                 f"{max_nodes_per_token} x experts per node ({per_node})")
+    return layout
+
+
+def validate_for_model(world_size: int, pp: int, dp: Optional[int], ep: int, gpus_per_node: int, model_cfg: Any) -> Layout:
+    """validate_layout with the model fields read from a ModelConfig."""
+    return validate_layout(world_size, pp, dp, ep, gpus_per_node,
+                           n_routed_experts=model_cfg.n_routed_experts,
+                           max_nodes_per_token=model_cfg.max_nodes_per_token,
+                           n_activated_experts=model_cfg.n_activated_experts)
+
+
+@dataclass(eq=False)
+class Topology:
+    """This process's place in the layout plus the process groups (built once, in __post_init__).
+
+    Coordinates: pp_rank, dp_rank, ep_rank, edp_rank, ep_node. Groups (None when
+    torch.distributed is not initialised, e.g. a single-process run): pp_group, dp_group,
+    ep_group, edp_group, stage_pair_group; `mesh` is the DeviceMesh ("pp", "dp").
+    Pipeline neighbours (global ranks, None at the ends): pp_prev_rank, pp_next_rank;
+    stage_pair_rank is the DualPipe partner (pipeline index pp−1−pp_rank, same dp index).
+    Pass build_groups=False for coordinates only (no collectives).
+    """
+
+    world_size: int
+    rank: int
+    pp: int
+    dp: Optional[int] = None
+    ep: int = 1
+    gpus_per_node: int = 8
+    backend: Optional[str] = None
+    build_groups: bool = True
+    layout: Layout = field(init=False)
+    mesh: Any = field(init=False, default=None)
+    pp_group: Any = field(init=False, default=None)
+    dp_group: Any = field(init=False, default=None)
+    ep_group: Any = field(init=False, default=None)
+    edp_group: Any = field(init=False, default=None)
+    stage_pair_group: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.layout = validate_layout(self.world_size, self.pp, self.dp, self.ep, self.gpus_per_node)
+        self.dp = self.layout.dp
+        if self.backend is None:
+            self.backend = default_backend()
+        c = self.layout.coords(self.rank)
+        self.pp_rank, self.dp_rank = c["pp_rank"], c["dp_rank"]
+        self.ep_rank, self.edp_rank, self.ep_node = c["ep_rank"], c["edp_rank"], c["ep_node"]
+        self.pp_prev_rank = self.layout.rank_of(self.pp_rank - 1, self.dp_rank) if self.pp_rank > 0 else None
+        self.pp_next_rank = self.layout.rank_of(self.pp_rank + 1, self.dp_rank) if self.pp_rank < self.pp - 1 else None
+        self.stage_pair_rank = self.layout.rank_of(self.pp - 1 - self.pp_rank, self.dp_rank)
+        self.pp_ranks = self.layout.group_of("pp", self.rank)
+        self.dp_ranks = self.layout.group_of("dp", self.rank)
+        self.ep_ranks = self.layout.group_of("ep", self.rank)
+        self.edp_ranks = self.layout.group_of("edp", self.rank)
+        self.stage_pair_ranks = self.layout.group_of("stage_pair", self.rank)
+        if self.build_groups:
+            self._build_groups()
+
+    # ----- construction -----
+    @classmethod
+    def from_env(cls, pp: int = 1, dp: Optional[int] = None, ep: int = 1, gpus_per_node: int = 8) -> "Topology":
+        """From an initialised torch.distributed (else a 1-process topology without groups)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_world_size(), dist.get_rank(), pp, dp, ep, gpus_per_node, dist.get_backend())
+        return cls(1, 0, pp, dp, ep, gpus_per_node, default_backend(), build_groups=False)
+
+    def _build_groups(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise LayoutError(f"Topology(world_size={self.world_size}, rank={self.rank}) does not match "
+                              f"torch.distributed (world {dist.get_world_size()}, rank {dist.get_rank()})")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if self.backend == "nccl" else "cpu"
+        self.mesh = init_device_mesh(device, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
+        self.pp_group = self.mesh.get_group("pp")
+        self.dp_group = self.mesh.get_group("dp")
+
+        def build(groups: list[list[int]]):
+            mine = None
+            for ranks in groups:  # every rank creates every group, in the same order
+                g = dist.new_group(ranks)
+                if self.rank in ranks:
+                    mine = g
+            return mine
+
+        self.ep_group = build(self.layout.ep_groups())
+        self.edp_group = build(self.layout.edp_groups())
+        self.stage_pair_group = build(self.layout.stage_pair_groups())
+
+    # ----- convenience -----
+    @property
+    def edp(self) -> int:
+        return self.layout.edp
+
+    @property
+    def n_nodes_ep(self) -> int:
+        return self.layout.n_nodes_ep
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def coords(self) -> dict[str, int]:
+        return self.layout.coords(self.rank)
+
+    def __repr__(self) -> str:
+        return (f"Topology(rank={self.rank}/{self.world_size}, pp={self.pp}, dp={self.dp}, ep={self.ep}, "
+                f"gpus_per_node={self.gpus_per_node}, pp_rank={self.pp_rank}, dp_rank={self.dp_rank}, "
+                f"ep_rank={self.ep_rank}, edp_rank={self.edp_rank}, backend={self.backend})")
+
+
+def init_distributed(
+    pp: int = 1,
+    dp: Optional[int] = None,
+    ep: int = 1,
+    gpus_per_node: int = 8,
+    model_cfg: Any = None,
+    backend: Optional[str] = None,
+    timeout_s: float = 1800.0,
+) -> Topology:
+    """Validate the layout (from WORLD_SIZE/RANK set by torchrun) BEFORE any collective, then
+    init_process_group (NCCL on CUDA, else gloo; the CUDA device is LOCAL_RANK) and build the
+    Topology. Without WORLD_SIZE (plain `python`), returns a 1-process topology."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if model_cfg is not None:
+        validate_for_model(world_size, pp, dp, ep, gpus_per_node, model_cfg)
+    else:
+        validate_layout(world_size, pp, dp, ep, gpus_per_node)
+    backend = backend or default_backend()
+    if world_size == 1 and not dist.is_initialized():
+        return Topology(1, 0, pp, dp, ep, gpus_per_node, backend, build_groups=False)
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Topology(world_size, rank, pp, dp, ep, gpus_per_node, dist.get_backend())
