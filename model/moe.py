@@ -40,7 +40,7 @@ class Router(nn.Module):
     def _limit(self, scores: torch.Tensor, n_blocks: int, keep: int, per_block_topk: int) -> torch.Tensor:
         """Mask out all but the `keep` blocks whose top-`per_block_topk` scores sum highest."""
         n = scores.shape[0]
-        blocks = scores.view(n, n_blocks, -1)
+        blocks = scores.view(n, n_blocks, scores.shape[1] // n_blocks)  # explicit: n may be 0
         block_score = blocks.topk(per_block_topk, dim=-1).values.sum(-1)
         chosen = block_score.topk(keep, dim=-1).indices
         drop = torch.ones(n, n_blocks, dtype=torch.bool, device=scores.device).scatter_(1, chosen, False)
@@ -110,7 +110,7 @@ def combine_topk(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Ten
     n, k = weights.shape
     y = torch.empty_like(y_sorted)
     y[order] = y_sorted
-    return (y.view(n, k, -1) * weights.unsqueeze(-1)).sum(dim=1)
+    return (y.view(n, k, y_sorted.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class Dispatcher(Protocol):
@@ -137,6 +137,8 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, alpha: float)
     """
     bsz, seq, n_exp = scores.shape
     k = ids.shape[-1]
+    if bsz == 0 or seq == 0:
+        return scores.sum() * 0.0
     counts = torch.zeros(bsz, n_exp, device=scores.device, dtype=scores.dtype)
     counts.scatter_add_(1, ids.view(bsz, -1), torch.ones(bsz, seq * k, device=scores.device, dtype=scores.dtype))
     f = counts * (n_exp / (k * seq))

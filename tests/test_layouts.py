@@ -38,3 +38,15 @@ def test_losses_match_single_process(reference, tmp_path, name, nproc, args):
         for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key, ref[key], got[key])
         assert got["expert_load_cv"] == pytest.approx(ref["expert_load_cv"], rel=1e-4, abs=1e-6)
+
+
+def test_node_limited_routing_is_layout_invariant(tmp_path):
+    """With max_nodes_per_token=1 and experts over 2 nodes, one process told the same node count
+    (parallel.expert_nodes=2) routes exactly like EP=2 over two 1-GPU nodes."""
+    limit = ["model.max_nodes_per_token=1", "model.n_expert_groups=2", "model.n_limited_groups=2"]
+    ref = _losses(tmp_path, "single_nodes2", 1, limit + ["parallel.expert_nodes=2"])
+    ep = _losses(tmp_path, "ep2_nodes2", 2, limit + ["parallel.ep=2", "parallel.gpus_per_node=1"])
+    free = _losses(tmp_path, "single_nodes1", 1, limit)
+    for a, b in zip(ref, ep):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    assert any(abs(a["loss"] - c["loss"]) > 1e-6 for a, c in zip(ref, free)), "the node limit changed nothing"

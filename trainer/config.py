@@ -19,6 +19,10 @@ class ParallelConfig:
     ep: int = 1
     schedule: str = "1f1b"  # 1f1b | dualpipe | dualpipev
     gpus_per_node: int = 8  # a "node" for node-limited routing and a2a byte accounting
+    # Node-groups the routed experts are split into for node-limited routing
+    # (model.max_nodes_per_token). 0 = ep / gpus_per_node of this layout. Set it explicitly to
+    # give a smaller layout (e.g. one process) exactly the routing of a larger one.
+    expert_nodes: int = 0
     layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = balanced by layer cost
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
 

@@ -79,6 +79,11 @@ class Trainer:
         self.model_cfg = ModelConfig.from_dict(model_dict)
         self.layout = resolve_layout(cfg)
         self.n_micro = validate(cfg, self.model_cfg, self.layout)
+        p = cfg.parallel
+        self.expert_nodes = p.expert_nodes or max(1, -(-self.layout.ep // p.gpus_per_node))
+        if self.model_cfg.n_routed_experts % self.expert_nodes:
+            raise ConfigError(f"parallel.expert_nodes={self.expert_nodes} does not divide "
+                              f"model.n_routed_experts={self.model_cfg.n_routed_experts}")
         set_recompute(torch.nn.Module(), cfg.train.recompute)  # validates the value only
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if self.data.vocab_size > self.model_cfg.vocab_size:
@@ -111,8 +116,7 @@ class Trainer:
             from parallel.dispatch import apply_expert_parallel
 
             apply_expert_parallel(self.model, self.topo)
-        elif self.layout.ep == 1 and mcfg.max_nodes_per_token:
-            self.model.set_expert_nodes(1)
+        self.model.set_expert_nodes(self.expert_nodes)
         self.model.init_weights(cfg.train.seed)
         self.model.to(self.device)
         if cfg.precision == "fp8":
