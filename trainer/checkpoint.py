@@ -69,29 +69,21 @@ def _persistent(model: torch.nn.Module, name: str) -> bool:
     return buf not in mod._non_persistent_buffers_set
 
 
-def adamw_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, prefix: str = "optim.") -> dict[str, torch.Tensor]:
-    """AdamW moments keyed by parameter name (materialised at zero if the optimizer has not stepped)."""
+def optimizer_state(model: torch.nn.Module, owned, prefix: str = "optim.") -> dict[str, torch.Tensor]:
+    """AdamW moments of the parameters whose state this rank owns (ZeRO-1), keyed by name; an
+    expert weight's moments are split per expert like the weight itself."""
     modules = dict(model.named_modules())
-    named = {}
-    for name, p in model.named_parameters():
-        st = optimizer.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        named[f"{name}.exp_avg"] = st["exp_avg"]
-        named[f"{name}.exp_avg_sq"] = st["exp_avg_sq"]
-        named[f"{name}.step"] = st["step"]
-    # exp_avg of an Experts weight is stacked like the weight: split it per expert too
     out = {}
-    for key, t in named.items():
-        pname, kind = key.rsplit(".", 1)
-        mod = modules.get(pname.rsplit(".", 1)[0])
-        if isinstance(mod, Experts) and kind != "step":
-            for e in range(mod.n_local):
-                out[f"{prefix}{pname}.{mod.first_expert + e}.{kind}"] = t[e]
-        else:
-            out[prefix + key] = t
+    for name, _, st in owned:
+        mod = modules.get(name.rsplit(".", 1)[0])
+        for kind in ("exp_avg", "exp_avg_sq"):
+            t = st[kind]
+            if isinstance(mod, Experts):
+                for e in range(mod.n_local):
+                    out[f"{prefix}{name}.{mod.first_expert + e}.{kind}"] = t[e]
+            else:
+                out[f"{prefix}{name}.{kind}"] = t
+        out[f"{prefix}{name}.step"] = st["step"]
     return out
 
 

@@ -17,13 +17,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from model import ConfigError, DeepSeekV3, ModelConfig, enable_fp8, set_recompute
+from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.flops import count_params, train_flops_per_token
-from parallel.grads import clip_grads_, global_grad_norm, optimizer_state_bytes
+from parallel.grads import clip_grads_, global_grad_norm
+from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.engine import LocalEngine
 from trainer.lr import lr_at
+from trainer.precision import apply_precision, check_precision
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
 
@@ -63,8 +65,9 @@ def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
             f"= {layout.dp} × {t.micro_batch}")
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-    if cfg.precision not in ("fp32", "bf16", "fp8"):
-        raise ConfigError(f"precision: expected fp32|bf16|fp8, got {cfg.precision!r}")
+    check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
     if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
     if layout.pp > 1:
@@ -119,18 +122,12 @@ class Trainer:
         self.model.set_expert_nodes(self.expert_nodes)
         self.model.init_weights(cfg.train.seed)
         self.model.to(self.device)
-        if cfg.precision == "fp8":
-            enable_fp8(self.model)
+        self.autocast = apply_precision(self.model, cfg.precision, self.device)
         set_recompute(self.model, cfg.train.recompute)
         self.engine = LocalEngine(self.model)
 
-        decay, no_decay = [], []
-        for _, p in self.model.named_parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=True)
+        self.optimizer = build_optimizer(self.model.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
         self.ema = None
         if t.ema_decay > 0:
             from trainer.ema import CPUEMA
@@ -148,7 +145,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def _state(self) -> dict:
-        state = {**ckpt.model_state(self.model), **ckpt.adamw_state(self.model, self.optimizer)}
+        state = {**ckpt.model_state(self.model), **ckpt.optimizer_state(self.model, self.optimizer.owned())}
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
             modules = dict(self.model.named_modules())
             state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), modules).items()})
@@ -167,7 +164,7 @@ class Trainer:
         if meta is None:
             if had_any:  # a failed load may have written into some tensors: start clean
                 self.model.init_weights(self.cfg.train.seed)
-                self.optimizer.state.clear()
+                self.optimizer.reset_state()
             return 0
         if meta.get("global_batch") != self.cfg.train.global_batch:
             raise ConfigError(
@@ -256,7 +253,8 @@ class Trainer:
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                losses = self.engine.forward_backward(self._micro_batches(step))
+                with self.autocast():
+                    losses = self.engine.forward_backward(self._micro_batches(step))
                 self._reduce_gradients()
                 grad_norm = global_grad_norm(
                     self.model.named_parameters(),
@@ -308,7 +306,7 @@ class Trainer:
             "mfu": mfu,
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
-            "optimizer_state_bytes": optimizer_state_bytes(self.optimizer),
+            "optimizer_state_bytes": self.optimizer.state_bytes(),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
 
