@@ -40,3 +40,27 @@ def test_zero1_shards_optimizer_state(tmp_path):
     ratio = sharded[-1]["optimizer_state_bytes"] / full[-1]["optimizer_state_bytes"]
     # dp=4 for the dense part, expert-dp=2 for the experts: between 1/4 and 1/2 of unsharded
     assert 0.2 < ratio < 0.5, ratio
+
+
+def test_crashed_rank_restarts_from_last_checkpoint(tmp_path):
+    """Under torchrun --max-restarts 1, rank 1 dies hard before step 5 (first attempt only); the job
+    restarts from step_3, and metrics.jsonl ends up equal to an uninterrupted run, each step once."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT, TINY
+
+    ref = _run(tmp_path / "ref", 1, [], list(range(1, STEPS + 1)))
+    run_dir = tmp_path / "faulty"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "-m", "launch.train", *TINY, f"run.dir={run_dir}", f"train.steps={STEPS}", "parallel.ep=2",
+           "checkpoint.every=3", "debug.fail_at_step=5", "debug.fail_rank=1"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fails hard at step 5" in res.stdout + res.stderr
+    rows = read_metrics(str(run_dir))
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for a, b in zip(ref, rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])

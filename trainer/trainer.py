@@ -107,7 +107,13 @@ class Trainer:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=self.cfg.parallel.timeout_s))
+        timeout = datetime.timedelta(seconds=self.cfg.parallel.timeout_s)
+        # Under `torchrun --max-restarts`, the agent's store outlives a failed attempt and still holds
+        # that attempt's gloo/NCCL addresses: give every attempt its own key space.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         p = self.cfg.parallel
         self.topo = Topology.from_env(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node)
 
