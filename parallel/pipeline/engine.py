@@ -1,0 +1,586 @@
+"""The pipeline runtime: executes ``schedule.actions[pp_rank]`` exactly, in order.
+
+``PipelineEngine(schedule, modules, topo)`` satisfies trainer/engine.py's contract
+(``forward_backward(micro_batches) -> StepLosses``); ``modules[c]`` is the stage module of chunk
+``c`` (``stages.build_stage_modules``). Every rank of a pipeline gets the same micro-batches (the
+data depend only on the dp index): the first stage embeds ``tokens[:, :-1]``, the stage that holds
+the head computes ``head_loss`` with ``tokens[:, 1:]`` (DualPipe: rank pp-1 for the forward
+direction, rank 0 for the reverse one), so token ids never travel.
+
+Actions
+  F   stage forward. The stage input is a leaf ``x`` (the received activation, or on the first
+      stage the DETACHED embedding output, so that B/W can treat all stages alike); the output is
+      sent (p2p, non-blocking) or, on the last stage, is ``loss / n_micro``.
+  B   full: ``autograd.backward`` of the output with the received grad, then the input grad is
+      sent (first stage: the embedding backward runs right after).
+      split (``full=False``, zero-bubble): input grads only — see ``backward_input``; the weight
+      grads run in the later ``W``.
+  W   the deferred weight grads (``backward_weight``; first stage: + the embedding backward).
+  FB  the forward of one micro-batch and the backward of another. On CPU the forward half runs in
+      a second thread while the main thread runs the backward half, so the interleaving is at op
+      granularity (finer than the paper's attention / dispatch / MLP / combine chunks): whenever
+      one half blocks — in an expert-parallel all-to-all (gloo runs it on its own threads, GIL
+      released), in a p2p wait, or simply waiting for its input — the other one computes, and the
+      forward's output send is posted the moment it is ready, during the backward. The two halves
+      always touch different chunks; with ep > 1 each chunk must own its EP process group
+      (``stages.shard_stage_experts`` does this) so the two threads' all-to-alls never interleave
+      on one group. What this does NOT buy on a CPU box: two compute-bound halves on a
+      one-thread-per-process budget just share the cores (no speed-up unless one of them waits).
+      On CUDA the halves run back to back on one stream (overlap="auto"); NCCL p2p still runs on
+      its own stream, but stream-level overlap of the all-to-all with the other half's kernels
+      is not implemented.
+
+Communication overlap that exists on every backend: a stage's output/input-grad send is posted
+non-blocking as soon as it is computed; the receives of the next action are posted before the
+current action computes (prefetch), so transfers run while the rank computes another micro-batch
+(gloo: on its transport thread; the timeline records true completion times).
+
+Weight-gradient split (``backward_input`` / ``backward_weight``), the technique of PyTorch's
+``pipelining/_backward.py`` re-implemented here: before the input-grad pass the autograd graph is
+walked once; the nodes on the input→output path ("activation closure") where a parameter's branch
+joins it are the boundary nodes (for a Linear: its matmul node). The input pass
+(``autograd.grad`` w.r.t. the stage input, ``retain_graph=True``) computes every activation grad
+and a pre-hook captures the gradient entering each boundary node; W then re-enters the graph at
+those nodes with the captured grads, per group of parameters sharing boundary nodes, and computes
+only the weight side (the engine asks the matmul node for its weight output only). Cost: each
+matmul's two gradient GEMMs run once each, as in a full backward; the extra is the graph walk
+(~3 ms for a 2-layer toy stage) and one ``autograd.grad`` call per parameter group in W (~0.3 ms
+each: the engine re-scans the graph reachable from the group's boundary nodes). Measured on the
+toy model (dim 256, 2 MoE layers, 4x128 tokens, 1 thread): full B 52 ms, Bi 34 + W 30 ms; in the
+pipeline benchmark Bi + W - B(full) is 3-15 ms per micro-batch. Memory: the graph and the
+captured grads (one per Linear output) stay alive from B until W, like the reference
+WeightGradStore. Works with activation recompute (train.recompute) and simulated FP8 (tested).
+
+After the last action: every parameter that this rank and its stage-pair partner both hold
+(DualPipe: both stages; 1F1B: only the tied embedding of ranks 0 and pp-1) gets its gradient
+SUMMED over ``topo.stage_pair_group``. The data-parallel reduction is left to the trainer
+(``parallel.dispatch.allreduce_gradients(engine.modules, topo)`` — with stage_pair=False).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from model import DeepSeekV3
+from model.moe import MoE
+from trainer.engine import StepLosses
+
+from .p2p import P2P
+from .schedule import Action, Kind, Schedule, ScheduleError
+from .timeline import Timeline
+
+
+# ============================================================================ weight-grad split
+@dataclass
+class WeightGradState:
+    """What ``backward_weight`` needs: parameter groups, their boundary nodes and the gradients
+    captured there during the input-grad pass. Holding it keeps the autograd graph alive."""
+
+    groups: list  # [(params, [(node, grads tuple)])]
+    eager: list = field(default_factory=list)  # params whose grads were already computed in B
+    outputs: Any = None  # keeps the graph alive until W
+
+
+def _node(t: torch.Tensor):
+    return t.grad_fn if t.grad_fn is not None else get_gradient_edge(t).node
+
+
+def backward_input(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]],
+                   inputs: Sequence[torch.Tensor], params: Sequence[nn.Parameter]
+                   ) -> tuple[list[Optional[torch.Tensor]], WeightGradState]:
+    """Input grads of ``outputs`` (seeded with ``grad_outputs``) w.r.t. ``inputs``; weight grads
+    deferred to :func:`backward_weight`. Parameters reachable only off the activation path (none in
+    this model) get their grads right away."""
+    roots = [o.grad_fn for o in outputs]
+    consumers: dict = defaultdict(list)
+    seen, stack = set(roots), list(roots)
+    while stack:
+        n = stack.pop()
+        for c, _ in n.next_functions:
+            if c is None:
+                continue
+            consumers[c].append(n)
+            if c not in seen:
+                seen.add(c)
+                stack.append(c)
+    closure: set = set()
+    stack = [_node(x) for x in inputs if x.requires_grad]
+    while stack:
+        n = stack.pop()
+        if n in closure:
+            continue
+        closure.add(n)
+        stack.extend(consumers.get(n, ()))
+    # boundary nodes of every parameter; union the parameters that share one
+    parent: dict[int, int] = {}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict = {}  # boundary node -> param index
+    used, eager = [], []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        pn = get_gradient_edge(p).node
+        if pn not in seen:
+            continue  # not part of this graph (e.g. unused on this micro-batch)
+        i = len(used)
+        used.append(p)
+        parent[i] = i
+        bounds, vis, st = set(), {pn}, [pn]
+        while st:
+            n = st.pop()
+            for c in consumers.get(n, ()):
+                if c in closure:
+                    bounds.add(c)
+                elif c not in vis:
+                    vis.add(c)
+                    st.append(c)
+        if not bounds:
+            eager.append(p)
+            parent[i] = -1
+            continue
+        for b in bounds:
+            if b in owner:
+                parent[find(i)] = find(owner[b])
+            else:
+                owner[b] = i
+    members: dict[int, list] = defaultdict(list)
+    for i, p in enumerate(used):
+        if parent[i] != -1:
+            members[find(i)].append(p)
+    nodes_of: dict[int, list] = defaultdict(list)
+    for b, i in owner.items():
+        nodes_of[find(i)].append(b)
+    captured: dict = {}
+    handles = []
+    for b in owner:
+        def hook(grads, b=b):
+            captured[b] = grads
+        handles.append(b.register_prehook(hook))
+    try:
+        targets = [x for x in inputs if x.requires_grad] + eager
+        grads = torch.autograd.grad(outputs, targets, grad_outputs, retain_graph=True, allow_unused=True) \
+            if targets else ()
+    finally:
+        for h in handles:
+            h.remove()
+    n_in = len(targets) - len(eager)
+    for p, g in zip(eager, grads[n_in:]):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad + g
+    it = iter(grads[:n_in])
+    dinputs = [next(it) if x.requires_grad else None for x in inputs]
+    groups = []
+    for root, ps in members.items():
+        groups.append((ps, [(b, captured.get(b)) for b in nodes_of[root]]))
+    return dinputs, WeightGradState(groups=groups, eager=eager, outputs=list(outputs))
+
+
+def backward_weight(state: WeightGradState) -> None:
+    """Accumulate the deferred weight grads into ``.grad`` (then the graph may be freed)."""
+    for params, bounds in state.groups:
+        edges, seeds = [], []
+        for node, grads in bounds:
+            if grads is None:
+                continue
+            for i, g in enumerate(grads):
+                if g is not None:
+                    edges.append(GradientEdge(node, i))
+                    seeds.append(g)
+        if not edges:
+            continue
+        handles = []
+        if len(bounds) > 1:
+            # a boundary node reachable from another one must see exactly its captured gradient
+            # (what flowed into it in the input pass), never that plus a re-propagated copy
+            for node, grads in bounds:
+                if grads is not None:
+                    handles.append(node.register_prehook(lambda _g, grads=grads: grads))
+        try:
+            dws = torch.autograd.grad(edges, params, seeds, retain_graph=True, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        for p, g in zip(params, dws):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+    state.groups, state.outputs = [], None
+
+
+# ============================================================================ the engine
+@dataclass
+class _Slot:
+    """Live state of one (micro-batch, chunk) between its F and its B (and W)."""
+
+    x: torch.Tensor  # stage input (leaf)
+    out: torch.Tensor  # stage output, or loss / n_micro on the last stage
+    h0: Optional[torch.Tensor] = None  # first stage: the embedding output (with graph)
+    dx: Optional[torch.Tensor] = None  # first stage, split B: grad of the embedding output
+    wstate: Optional[WeightGradState] = None
+
+
+class _TimedDispatcher:
+    """Wraps an AllToAllDispatcher to record its forward all-to-alls on the timeline (same
+    arithmetic as its ``__call__``)."""
+
+    def __init__(self, inner, engine: "PipelineEngine"):
+        self.inner, self.engine = inner, engine
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, ids, weights, experts):
+        tl, mb = self.engine.timeline, self.engine._current.mb
+        tid = self.engine._current.tid
+        t0 = time.perf_counter()
+        d = self.inner.dispatch_async(x, ids, weights, experts).wait()
+        t1 = time.perf_counter()
+        y = experts(d.x, d.counts)
+        t2 = time.perf_counter()
+        out = self.inner.combine_async(d, y).wait()
+        t3 = time.perf_counter()
+        if torch._C._current_graph_task_id() == -1:
+            tl.add(f"dispatch mb{mb}", "a2a", t0, t1, tid=3, microbatch=mb, thread=tid)
+            tl.add(f"combine mb{mb}", "a2a", t2, t3, tid=3, microbatch=mb, thread=tid)
+        return out
+
+
+class _Current(threading.local):
+    mb: Optional[int] = None
+    tid: int = 0
+
+
+class PipelineEngine:
+    """Run one rank's share of a pipeline schedule (see the module docstring).
+
+    schedule: the Schedule (``get_schedule`` / ``stages.plan_pipeline``); modules: one stage
+    module per chunk of this rank; topo: the Topology (pp_rank, pp_group, stage_pair_group, ...).
+    overlap: "auto" (threads on CPU, sequential on CUDA) | "thread" | "none" — how FB pairs run.
+    autocast: the forward-context factory of trainer/precision.py's ``apply_precision`` (entered
+    around every stage forward, in the thread that runs it); None = no context.
+    timeline: a Timeline to record into when its ``enabled`` flag is set.
+    """
+
+    def __init__(self, schedule: Schedule, modules: Sequence[DeepSeekV3], topo: Any, *,
+                 overlap: str = "auto", timeline: Optional[Timeline] = None,
+                 autocast: Optional[Callable[[], ContextManager]] = None):
+        self.schedule, self.topo = schedule, topo
+        self._autocast = autocast or contextlib.nullcontext
+        self.modules = list(modules)
+        self.pp_rank = topo.pp_rank
+        if schedule.pp != topo.pp:
+            raise ScheduleError(f"schedule {schedule.name} is for pp={schedule.pp}, topology has parallel.pp={topo.pp}")
+        if len(self.modules) != schedule.n_chunks(self.pp_rank):
+            raise ScheduleError(f"rank {self.pp_rank} holds {schedule.n_chunks(self.pp_rank)} chunks, "
+                                f"got {len(self.modules)} modules")
+        self.actions = schedule.actions[self.pp_rank]
+        self.stages = [schedule.stage_of(self.pp_rank, c) for c in range(len(self.modules))]
+        p0 = next(self.modules[0].parameters())
+        self.device, self.dtype = p0.device, p0.dtype
+        if overlap not in ("auto", "thread", "none"):
+            raise ValueError(f"overlap: expected auto|thread|none, got {overlap!r}")
+        self.threaded = overlap == "thread" or (overlap == "auto" and self.device.type != "cuda")
+        self.timeline = timeline or Timeline(rank=getattr(topo, "rank", self.pp_rank), enabled=False,
+                                             label=self._label())
+        ranks = getattr(topo, "pp_ranks", None) or list(range(schedule.pp))
+        self.p2p = P2P(schedule, self.pp_rank, ranks, topo.pp_group, self.device, self.timeline)
+        if topo.pp_group is not None and dist.get_backend(topo.pp_group) == "nccl":
+            # NCCL: the first operation on a group must be a collective of all its ranks, not a
+            # batch_isend_irecv touching only some of them
+            dist.barrier(group=topo.pp_group)
+        if self.threaded:
+            self._check_ep_groups()
+        self._current = _Current()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fb-forward") if self.threaded else None
+        self._params = self._unique_params()
+        self._shared_names, self._pair_same_stages = self._pair_info()
+        self._wrapped_dispatchers = False
+        self.last_step_s = 0.0
+
+    def _check_ep_groups(self) -> None:
+        """Threaded FB pairs run all-to-alls of two chunks at once: they need distinct groups."""
+        seen: dict[int, int] = {}
+        for c, m in enumerate(self.modules):
+            for moe in m.moe_layers().values():
+                d = moe.dispatcher
+                group, ep = getattr(d, "group", None), getattr(d, "ep", 1)
+                if group is None or ep <= 1:
+                    continue
+                if seen.setdefault(id(group), c) != c:
+                    raise ValueError("PipelineEngine(overlap='thread'): chunks "
+                                     f"{seen[id(group)]} and {c} share one expert-parallel process group; "
+                                     "shard with parallel.pipeline.stages.shard_stage_experts (one EP group "
+                                     "per chunk) or use overlap='none'")
+
+    def _label(self) -> str:
+        t = self.topo
+        stages = ",".join(str(s) for s in self.schedule.placement[self.pp_rank])
+        return (f"rank {getattr(t, 'rank', self.pp_rank)} (pp {self.pp_rank}, dp {getattr(t, 'dp_rank', 0)}; "
+                f"stages {stages})")
+
+    # ------------------------------------------------------------------ parameters
+    def _unique_params(self) -> dict[str, nn.Parameter]:
+        out: dict[str, nn.Parameter] = {}
+        for m in self.modules:
+            for n, p in m.named_parameters():
+                if n in out and out[n] is not p:
+                    raise RuntimeError(f"two chunks of rank {self.pp_rank} hold different tensors named {n}")
+                out[n] = p
+        return out
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Every parameter of this rank once (the shared embedding once), sorted by name."""
+        return sorted(self._params.items())
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def _pair_info(self) -> tuple[list[str], bool]:
+        """Names held by both this rank and its stage-pair partner (exchanged once at build)."""
+        t = self.topo
+        group = getattr(t, "stage_pair_group", None)
+        ranks = getattr(t, "stage_pair_ranks", [getattr(t, "rank", 0)])
+        if group is None or len(ranks) < 2:
+            return [], False
+        mine = {"params": sorted(self._params), "moe": sorted(self.moe_layers())}
+        theirs: list = [None] * len(ranks)
+        dist.all_gather_object(theirs, mine, group=group)
+        other = theirs[1 - dist.get_rank(group)]
+        shared = sorted(set(mine["params"]) & set(other["params"]))
+        same = bool(mine["moe"]) and mine["moe"] == other["moe"]
+        return shared, same
+
+    def grad_norm_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The (name, param) this rank counts in the global grad norm so that every element is
+        counted exactly once over the pipeline: a parameter both pair ranks hold (DualPipe's two
+        stage copies, the tied embedding) is counted on the lower pipeline index only."""
+        partner_pp = self.schedule.pp - 1 - self.pp_rank
+        skip = set(self._shared_names) if partner_pp < self.pp_rank else set()
+        return [(n, p) for n, p in self.named_parameters() if n not in skip]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradients (call after the DP reduction): sums experts over EP and
+        everything over the pipeline group, each element once."""
+        from parallel.grads import global_grad_norm
+
+        return global_grad_norm(self.grad_norm_parameters(), ep_group=getattr(self.topo, "ep_group", None),
+                                pp_group=self.topo.pp_group)
+
+    # ------------------------------------------------------------------ MoE bookkeeping
+    def moe_layers(self) -> dict[str, MoE]:
+        out = {}
+        for m in self.modules:
+            out.update(m.moe_layers())
+        return out
+
+    def expert_loads(self) -> dict[str, torch.Tensor]:
+        """Global tokens per expert of every MoE layer this rank holds: summed over the DP group
+        and, where the partner holds the same layers (DualPipe), over the stage pair — each
+        micro-batch's routing is counted once, on the copy that ran it."""
+        from parallel.dispatch import global_expert_load
+
+        return global_expert_load(self.modules, self.topo, stage_pair=self._pair_same_stages)
+
+    def aux_loss_sum(self) -> float:
+        """This rank's summed balance loss of the step (each micro-batch counted on the copy that
+        ran it): the trainer sums it over all ranks of a replica, like the losses."""
+        return float(sum(float(m.aux_loss_sum) for m in self.moe_layers().values()))
+
+    def reset_moe_stats(self) -> None:
+        for m in self.moe_layers().values():
+            m.tokens_per_expert.zero_()
+            m.aux_loss_sum.zero_()
+
+    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
+        for m in self.modules:
+            m.update_router_biases(loads)
+
+    # ------------------------------------------------------------------ the step
+    def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
+        n = self.schedule.n_microbatches
+        if len(micro_batches) != n:
+            raise ScheduleError(f"{self.schedule.name} was built for {n} micro-batches, got {len(micro_batches)} "
+                                f"(train.global_batch / (parallel.dp * train.micro_batch))")
+        shape = tuple(micro_batches[0].shape)
+        if any(tuple(mb.shape) != shape for mb in micro_batches):
+            raise ScheduleError("pipeline micro-batches must all have the same shape (static p2p shapes)")
+        tl = self.timeline
+        if tl.enabled:
+            dist.barrier(group=self.topo.pp_group)
+            tl.reset()
+            self._wrap_dispatchers()
+        t_start = time.perf_counter()
+        self.tokens = list(micro_batches)
+        self.n_micro = n
+        for m in self.modules:
+            m.set_aux_loss_scale(1.0 / n)
+        self.p2p.begin_step((shape[0], shape[1] - 1, self.modules[0].cfg.dim), self.dtype)
+        self.losses = StepLosses()
+        self.slots: dict[tuple[int, int], _Slot] = {}
+        self.pending_w: dict[tuple[int, int], _Slot] = {}
+        for i, act in enumerate(self.actions):
+            # post this action's receives and prefetch the next one's, then wait for ours
+            ahead = self.schedule.recvs(self.pp_rank, self.actions[i + 1]) if i + 1 < len(self.actions) else []
+            self.p2p.post_recvs(self.schedule.recvs(self.pp_rank, act) + ahead)
+            if act.kind is Kind.FB:
+                self._fb(act)
+            else:
+                self._run(act)
+        if self.slots or self.pending_w:
+            raise RuntimeError(f"pipeline rank {self.pp_rank}: unfinished (micro-batch, chunk) "
+                               f"{sorted(self.slots) + sorted(self.pending_w)}")
+        self.p2p.finish()
+        self.tokens = []
+        self._reduce_pair_grads()
+        self.last_step_s = time.perf_counter() - t_start
+        return self.losses
+
+    def _run(self, a: Action, tid: int = 0) -> None:
+        if a.kind is Kind.F:
+            self._forward(a, tid)
+        elif a.kind is Kind.B:
+            self._backward(a, tid)
+        elif a.kind is Kind.W:
+            self._weight(a, tid)
+        else:  # pragma: no cover - validated schedules only hold F/B/W/FB
+            raise ScheduleError(f"cannot run {a}")
+
+    def _fb(self, act: Action) -> None:
+        f, b = act.forward, act.backward
+        if self._pool is None or f.chunk == b.chunk:
+            self._run(f)
+            self._run(b)
+            return
+        fut = self._pool.submit(self._run, f, 1)
+        try:
+            self._run(b, 0)
+        finally:
+            fut.result()
+
+    # ------------------------------------------------------------------ F / B / W
+    def _forward(self, a: Action, tid: int) -> None:
+        mb, c = a.microbatch, a.chunk
+        self._current.mb, self._current.tid = mb, tid
+        mod, stage = self.modules[c], self.stages[c]
+        last = stage == self.schedule.n_stages - 1
+        tokens = self.tokens[mb]
+        ids = tokens[:, :-1]
+        recvs = self.schedule.recvs(self.pp_rank, a)
+        t0 = time.perf_counter()
+        h0 = None
+        if stage != 0:
+            x = self.p2p.recv(recvs[0]).requires_grad_()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        with self._autocast():
+            if stage == 0:
+                h0 = mod.embed_tokens(ids)
+                x = h0.detach().requires_grad_()
+            h = mod.forward_layers(x)
+            if last:
+                o = mod.head_loss(h, ids, tokens[:, 1:])
+                out = o.loss / self.n_micro
+                self.losses.add(o.lm_loss, o.mtp_loss, 1.0 / self.n_micro)
+            else:
+                out = h
+        self.timeline.add(f"F{mb}", "F", t1, time.perf_counter(), tid=tid, microbatch=mb, chunk=c, stage=stage,
+                          wait_s=t1 - t0, cpu_s=time.thread_time() - c1)
+        self.slots[(mb, c)] = _Slot(x=x, out=out, h0=h0)
+        if not last:
+            self.p2p.send([(m, h) for m in self.schedule.sends(self.pp_rank, a)])
+
+    def _backward(self, a: Action, tid: int) -> None:
+        mb, c = a.microbatch, a.chunk
+        self._current.mb, self._current.tid = mb, tid
+        slot = self.slots.pop((mb, c))
+        stage = self.stages[c]
+        recvs = self.schedule.recvs(self.pp_rank, a)
+        t0 = time.perf_counter()
+        grad = self.p2p.recv(recvs[0]) if recvs else None
+        if grad is not None and grad.dtype != slot.out.dtype:
+            grad = grad.to(slot.out.dtype)  # p2p buffers carry the parameter dtype
+        t1, c1 = time.perf_counter(), time.thread_time()
+        if a.full:
+            torch.autograd.backward([slot.out], [grad] if grad is not None else None)
+            dx = slot.x.grad if slot.x.grad is not None else torch.zeros_like(slot.x)
+            if slot.h0 is not None:
+                torch.autograd.backward([slot.h0], [dx])
+        else:
+            params = [p for p in self.modules[c].parameters() if p.requires_grad]
+            (dx,), slot.wstate = backward_input([slot.out], [grad], [slot.x], params)
+            if dx is None:
+                dx = torch.zeros_like(slot.x)
+            slot.dx = dx
+            self.pending_w[(mb, c)] = slot
+        self.timeline.add(f"B{mb}", "B" if a.full else "Bi", t1, time.perf_counter(), tid=tid, microbatch=mb,
+                          chunk=c, stage=stage, full=a.full, wait_s=t1 - t0, cpu_s=time.thread_time() - c1)
+        sends = self.schedule.sends(self.pp_rank, a)
+        if sends:
+            self.p2p.send([(m, dx) for m in sends])
+
+    def _weight(self, a: Action, tid: int) -> None:
+        mb, c = a.microbatch, a.chunk
+        self._current.mb, self._current.tid = mb, tid
+        slot = self.pending_w.pop((mb, c))
+        t0, c0 = time.perf_counter(), time.thread_time()
+        backward_weight(slot.wstate)
+        if slot.h0 is not None:
+            torch.autograd.backward([slot.h0], [slot.dx])
+        self.timeline.add(f"W{mb}", "W", t0, time.perf_counter(), tid=tid, microbatch=mb, chunk=c,
+                          stage=self.stages[c], cpu_s=time.thread_time() - c0)
+
+    # ------------------------------------------------------------------ reductions
+    @torch.no_grad()
+    def _reduce_pair_grads(self) -> None:
+        if not self._shared_names:
+            return
+        grads = []
+        for n in self._shared_names:
+            p = self._params[n]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.topo.stage_pair_group)
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+        self.timeline.add("stage-pair grad all-reduce", "p2p", t0, time.perf_counter(), tid=2,
+                          bytes=flat.numel() * flat.element_size(), cpu_s=time.thread_time() - c0)
+
+    # ------------------------------------------------------------------ timeline
+    def _wrap_dispatchers(self) -> None:
+        if self._wrapped_dispatchers:
+            return
+        for m in self.moe_layers().values():
+            d = m.dispatcher
+            if hasattr(d, "dispatch_async") and not isinstance(d, _TimedDispatcher):
+                m.dispatcher = _TimedDispatcher(d, self)
+        self._wrapped_dispatchers = True
+
+    def save_timeline(self, run_dir: str, png: bool = True) -> Optional[str]:
+        """Collective over the default group: write run_dir/timeline.json (+ .png) on rank 0."""
+        from .timeline import gather_and_write
+
+        return gather_and_write(self.timeline, run_dir, png=png)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
