@@ -69,10 +69,10 @@ def _persistent(model: torch.nn.Module, name: str) -> bool:
     return buf not in mod._non_persistent_buffers_set
 
 
-def optimizer_state(model: torch.nn.Module, owned, prefix: str = "optim.") -> dict[str, torch.Tensor]:
+def optimizer_state(modules: dict[str, torch.nn.Module], owned, prefix: str = "optim.") -> dict[str, torch.Tensor]:
     """AdamW moments of the parameters whose state this rank owns (ZeRO-1), keyed by name; an
-    expert weight's moments are split per expert like the weight itself."""
-    modules = dict(model.named_modules())
+    expert weight's moments are split per expert like the weight itself. `modules`: name → module
+    of every module this rank holds (to find the Experts blocks)."""
     out = {}
     for name, _, st in owned:
         mod = modules.get(name.rsplit(".", 1)[0])

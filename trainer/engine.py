@@ -32,8 +32,14 @@ class StepLosses:
 
 
 class LocalEngine:
-    def __init__(self, model: DeepSeekV3):
-        self.model = model
+    """One stage holds the whole model: plain gradient accumulation over the micro-batches.
+
+    Also the reference surface every engine offers the trainer: named_parameters, grad_norm,
+    expert_loads, aux_loss_sum, reset_moe_stats, update_router_biases, modules.
+    """
+
+    def __init__(self, model: DeepSeekV3, topo=None):
+        self.model, self.topo = model, topo
         self.modules = [model]
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> StepLosses:
@@ -45,3 +51,38 @@ class LocalEngine:
             (out.loss / m).backward()
             losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses
+
+    def named_parameters(self):
+        return list(self.model.named_parameters())
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def grad_norm(self) -> float:
+        from parallel.grads import global_grad_norm
+
+        return global_grad_norm(self.model.named_parameters(), ep_group=getattr(self.topo, "ep_group", None))
+
+    def moe_layers(self):
+        return self.model.moe_layers()
+
+    def expert_loads(self) -> dict[str, torch.Tensor]:
+        if self.topo is not None and getattr(self.topo, "dp_group", None) is not None:
+            from parallel.dispatch import global_expert_load
+
+            return global_expert_load(self.model, self.topo)
+        return {n: m.tokens_per_expert.clone() for n, m in self.model.moe_layers().items()}
+
+    def aux_loss_sum(self) -> float:
+        return float(sum(float(m.aux_loss_sum) for m in self.model.moe_layers().values()))
+
+    def reset_moe_stats(self) -> None:
+        for m in self.model.moe_layers().values():
+            m.tokens_per_expert.zero_()
+            m.aux_loss_sum.zero_()
+
+    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
+        self.model.update_router_biases(loads)
+
+    def close(self) -> None:
+        pass

@@ -6,6 +6,7 @@ every rank and no collective ever starts.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -19,7 +20,7 @@ from omegaconf import OmegaConf
 
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.flops import count_params, train_flops_per_token
-from parallel.grads import clip_grads_, global_grad_norm
+from parallel.grads import clip_grads_
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
@@ -70,9 +71,22 @@ def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
     if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
-    if layout.pp > 1:
-        raise ConfigError("parallel.pp > 1: pipeline parallelism is not available in this build yet")
-    return t.global_batch // (layout.dp * t.micro_batch)
+    n_micro = t.global_batch // (layout.dp * t.micro_batch)
+    if t.microbatches and t.microbatches != n_micro:
+        raise ConfigError(
+            f"train.microbatches={t.microbatches} disagrees with train.global_batch / (parallel.dp × "
+            f"train.micro_batch) = {n_micro}; set one of them")
+    return n_micro
+
+
+def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
+    """(schedule, layer split) for pp > 1, else (None, None). Pure: runs before any collective."""
+    if layout.pp == 1:
+        return None, None
+    from parallel.pipeline.stages import plan_pipeline
+
+    layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
+    return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
 
 
 class Trainer:
@@ -82,6 +96,7 @@ class Trainer:
         self.model_cfg = ModelConfig.from_dict(model_dict)
         self.layout = resolve_layout(cfg)
         self.n_micro = validate(cfg, self.model_cfg, self.layout)
+        self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
         p = cfg.parallel
         self.expert_nodes = p.expert_nodes or max(1, -(-self.layout.ep // p.gpus_per_node))
         if self.model_cfg.n_routed_experts % self.expert_nodes:
@@ -120,25 +135,41 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
-        self.model = DeepSeekV3(mcfg)
-        if self.topo is not None and self.layout.ep > 1:
-            from parallel.dispatch import apply_expert_parallel
+        if self.schedule is None:
+            modules = [DeepSeekV3(mcfg)]
+            if self.topo is not None and self.layout.ep > 1:
+                from parallel.dispatch import apply_expert_parallel
 
-            apply_expert_parallel(self.model, self.topo)
-        self.model.set_expert_nodes(self.expert_nodes)
-        self.model.init_weights(cfg.train.seed)
-        self.model.to(self.device)
-        self.autocast = apply_precision(self.model, cfg.precision, self.device)
-        set_recompute(self.model, cfg.train.recompute)
-        self.engine = LocalEngine(self.model)
+                apply_expert_parallel(modules[0], self.topo)
+        else:
+            from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
 
+            modules = build_stage_modules(mcfg, self.schedule, self.topo.pp_rank, split=self.split)
+            shard_stage_experts(modules, self.topo)
+        autocast = None
+        for m in modules:
+            m.set_expert_nodes(self.expert_nodes)
+            m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
+            m.to(self.device)
+            autocast = apply_precision(m, cfg.precision, self.device)
+            set_recompute(m, cfg.train.recompute)
+        if self.schedule is None:
+            self.engine = LocalEngine(modules[0], self.topo)
+            self.autocast = autocast
+        else:
+            from parallel.pipeline.engine import PipelineEngine
+
+            self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
+            self.autocast = contextlib.nullcontext  # the engine enters it in the thread that runs each forward
+            self.engine.timeline.enabled = cfg.debug.record_timeline
+        self.modules = modules
         t = cfg.train
-        self.optimizer = build_optimizer(self.model.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
+        self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
         self.ema = None
         if t.ema_decay > 0:
             from trainer.ema import CPUEMA
 
-            self.ema = CPUEMA(self.model, decay=t.ema_decay)
+            self.ema = CPUEMA(dict(self.engine.named_parameters()), decay=t.ema_decay)
 
         counts = count_params(mcfg)
         self.flops_per_token = train_flops_per_token(mcfg, t.seq_len)
@@ -149,12 +180,22 @@ class Trainer:
             dtype = torch.bfloat16 if (cfg.precision != "fp32" and self.device.type == "cuda") else torch.float32
             self.peak_flops = measure_peak_flops(self.device, dtype)
 
+    @property
+    def model(self) -> DeepSeekV3:
+        """The whole model, when this rank holds it as one stage (pp = 1)."""
+        if len(self.modules) != 1 or self.schedule is not None:
+            raise AttributeError("Trainer.model: this rank holds pipeline stages; use trainer.modules")
+        return self.modules[0]
+
     # ------------------------------------------------------------------ checkpoint state
     def _state(self) -> dict:
-        state = {**ckpt.model_state(self.model), **ckpt.optimizer_state(self.model, self.optimizer.owned())}
+        state, named_modules = {}, {}
+        for m in self.modules:  # two DualPipe stages on one rank: disjoint names, one shared embedding
+            state.update(ckpt.model_state(m))
+            named_modules.update(dict(m.named_modules()))
+        state.update(ckpt.optimizer_state(named_modules, self.optimizer.owned()))
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
-            modules = dict(self.model.named_modules())
-            state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), modules).items()})
+            state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), named_modules).items()})
         return state
 
     def _ckpt_root(self) -> str:
@@ -169,7 +210,8 @@ class Trainer:
         meta = ckpt.load_newest(self._ckpt_root(), self._state, explicit)
         if meta is None:
             if had_any:  # a failed load may have written into some tensors: start clean
-                self.model.init_weights(self.cfg.train.seed)
+                for m in self.modules:
+                    m.init_weights(self.cfg.train.seed)
                 self.optimizer.reset_state()
             return 0
         if meta.get("global_batch") != self.cfg.train.global_batch:
@@ -206,14 +248,7 @@ class Trainer:
         if self.topo is not None:
             from parallel.dispatch import allreduce_gradients
 
-            allreduce_gradients(self.model, self.topo)
-
-    def _expert_loads(self) -> dict[str, torch.Tensor]:
-        if self.topo is not None:
-            from parallel.dispatch import global_expert_load
-
-            return global_expert_load(self.model, self.topo)
-        return {n: m.tokens_per_expert.clone() for n, m in self.model.moe_layers().items()}
+            allreduce_gradients(self.modules, self.topo)
 
     def _global_mean(self, values: list[float]) -> list[float]:
         """Average per-rank values over data-parallel replicas (sum over PP stages)."""
@@ -227,7 +262,7 @@ class Trainer:
         """All-to-all bytes of this step (dispatch + combine, sent + received), summed over ranks."""
         keys = ("a2a_bytes_intra_node", "a2a_bytes_inter_node")
         totals = torch.zeros(len(keys), dtype=torch.float64)
-        for m in self.model.moe_layers().values():
+        for m in self.engine.moe_layers().values():
             if hasattr(m.dispatcher, "reset_stats"):
                 st = m.dispatcher.reset_stats()
                 totals += torch.tensor([float(st.get(k, 0)) for k in keys], dtype=torch.float64)
@@ -262,21 +297,20 @@ class Trainer:
                 with self.autocast():
                     losses = self.engine.forward_backward(self._micro_batches(step))
                 self._reduce_gradients()
-                grad_norm = global_grad_norm(
-                    self.model.named_parameters(),
-                    ep_group=self.topo.ep_group if self.topo is not None else None)
-                clip_grads_(self.model.parameters(), grad_norm, t.grad_clip)
+                grad_norm = self.engine.grad_norm()
+                clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                loads = self._expert_loads()
-                self.model.update_router_biases(loads)
-                aux = sum(float(m.aux_loss_sum) for m in self.model.moe_layers().values())
+                loads = self.engine.expert_loads()
+                self.engine.update_router_biases(loads)
+                aux = self.engine.aux_loss_sum()
                 a2a = self._a2a_stats()
-                for m in self.model.moe_layers().values():
-                    m.tokens_per_expert.zero_()
-                    m.aux_loss_sum.zero_()
+                self.engine.reset_moe_stats()
                 if self.ema is not None:
-                    self.ema.update(self.model)
+                    self.ema.update(dict(self.engine.named_parameters()))
+                if cfg.debug.record_timeline and self.schedule is not None and step == start:
+                    self.engine.save_timeline(cfg.run.dir)
+                    self.engine.timeline.enabled = False
                 lm, mtp, aux = self._global_mean([float(losses.lm), float(losses.mtp), aux])
                 dt = time.perf_counter() - t0
                 step_no = step + 1
@@ -297,6 +331,7 @@ class Trainer:
                 sink.close()
             if self.ema is not None:
                 self.ema.close()
+            self.engine.close()
 
     def _record(self, lm, mtp, aux, grad_norm, lr, tokens_per_s, dt, loads) -> dict:
         cvs = [float(l.std(unbiased=False) / l.mean().clamp_min(1e-9)) for l in loads.values()]
