@@ -347,6 +347,7 @@ class Trainer:
             "mfu": mfu,
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
+            "param_bytes": sum(p.numel() * p.element_size() for _, p in self.engine.named_parameters()),
             "optimizer_state_bytes": self.optimizer.state_bytes(),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
