@@ -13,9 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
-def is_expert_param(name: str) -> bool:
-    return ".experts." in name
+from parallel.param_groups import is_expert_param
 
 
 def global_grad_norm(named_params, ep_group=None, pp_group=None) -> float:

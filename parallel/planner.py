@@ -9,6 +9,8 @@ Entry points
 * ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank
 * ``balanced_layers_per_stage(cfg, ...)``    the same from a schedule name (for the runtime)
 * ``predict_rank_bytes(cfg, layout, ...)``   parameter / gradient / optimizer bytes of one rank
+* ``rank_tensors`` / ``zero_owned_tensors``  the tensors a rank trains / holds AdamW states of
+* ``optimizer_param_groups``, ``zero_owners`` the trainer's AdamW groups and torch ZeRO's partition
 * ``activation_table(cfg, ...)``             what one layer stores per token for its backward
 * ``plan(cfg, layout, recipe, hw, ...)``     the whole plan: memory per rank, step time, validity
 
@@ -37,7 +39,10 @@ bf16 / fp8: the DeepSeek-V3 recipe (§3.3): BF16 weights used by the kernels (2 
       experts/MLPs in FP8 and caches their inputs in FP8 (1 B + one fp32 scale per 1×128 tile);
       embedding, head, router, norms and the attention core stay BF16.
 ZeRO-1: optimizer states of non-expert parameters sharded over DP, of expert parameters over
-expert-DP (dp/ep); weights and gradients are held whole. Shard = ceil(n / group) elements.
+expert-DP (dp/ep); weights and gradients are held whole. plan() and bf16/fp8 predictions use the
+ideal even shard, ceil(n / group) elements; predict_rank_bytes with precision="fp32" replays what
+the trainer runs (parallel/zero.py: torch's ZeroRedundancyOptimizer owns WHOLE parameters, greedy
+by size) and is exact per rank (tests/test_plan_vs_run.py compares it with real runs).
 The parameter EMA lives in CPU memory (not counted).
 
 Activations (``recompute``) — per token per layer, see ``activation_table`` for the list:
@@ -73,7 +78,10 @@ import functools
 import json
 import os
 from dataclasses import asdict, dataclass, fields
+
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from parallel.param_groups import is_expert_param, optimizer_param_groups  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
@@ -177,6 +185,24 @@ class Part:
 
 
 @dataclass(frozen=True)
+class TensorSpec:
+    """One parameter tensor of the full model (experts unsharded), in named_parameters() order."""
+
+    name: str
+    shape: Tuple[int, ...]
+    part: str  # the Part it belongs to: embed | layer.<i> | mtp.<k> | head
+
+    def numel(self) -> int:
+        n = 1
+        for x in self.shape:
+            n *= x
+        return n
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+@dataclass(frozen=True)
 class Inventory:
     layers: Tuple[Part, ...]
     embed: Part
@@ -187,6 +213,7 @@ class Inventory:
     activated_with_embedding: int
     mtp_unique: int  # MTP parameters not shared with the main model
     embedding: int
+    tensors: Tuple[TensorSpec, ...] = ()  # every parameter tensor, model.named_parameters() order
 
 
 def _cfg_key(cfg) -> str:
@@ -213,6 +240,7 @@ def _inventory(key: str) -> Inventory:
     def slot(name: str) -> dict:
         return acc.setdefault(name, dict(dp=0, ep=0, dt=0, et=0, lp=0.0, hp=0.0, up=0.0))
 
+    tensors: List[TensorSpec] = []
     for name, p in model.named_parameters():
         parts = name.split(".")
         if parts[0] == "layers":
@@ -225,6 +253,7 @@ def _inventory(key: str) -> Inventory:
             key_ = "head"
         s = slot(key_)
         n = p.numel()
+        tensors.append(TensorSpec(name, tuple(p.shape), key_))
         if ".experts." in name:
             s["ep"] += n
             s["et"] += 1
@@ -259,7 +288,8 @@ def _inventory(key: str) -> Inventory:
     activated_emb = total - routed + round(routed * frac)
     return Inventory(layers=layers, embed=embed, head=head, mtp=mtp, total=total,
                      activated=activated_emb - embed.params, activated_with_embedding=activated_emb,
-                     mtp_unique=sum(p.params for p in mtp), embedding=embed.params)
+                     mtp_unique=sum(p.params for p in mtp), embedding=embed.params,
+                     tensors=tuple(tensors))
 
 
 # ----------------------------------------------------------------------------------- activations
@@ -627,33 +657,121 @@ def _rank_bytes(cfg, parts: List[Part], lay: PlanLayout, num: Numerics, zero: bo
     }
 
 
+# ----------------------------------------------------------------------------------- ZeRO-1 as run
+ZERO_PARTITIONS = ("auto", "params", "flat")
+
+
+def zero_owners(param_groups: Sequence[Sequence[Any]], world: int) -> List[List[int]]:
+    """Owner rank (in the process group) of every parameter of `param_groups` (lists of objects
+    with .numel()), exactly as torch's ZeroRedundancyOptimizer._partition_parameters assigns them:
+    group by group in order, each group's parameters by size, largest first (a stable sort: ties
+    keep their order), each to the rank with the smallest running total so far (the totals carry
+    over from one group to the next; ties → the lowest rank). world <= 1: everything on rank 0."""
+    sizes = [0] * max(world, 1)
+    owners = []
+    for params in param_groups:
+        own = [0] * len(params)
+        for i in sorted(range(len(params)), key=lambda j: params[j].numel(), reverse=True):
+            r = min(range(len(sizes)), key=lambda k: (sizes[k], k))
+            own[i] = r
+            sizes[r] += params[i].numel()
+        owners.append(own)
+    return owners
+
+
+def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[TensorSpec]:
+    """The parameter tensors global `rank` trains, as its engine's named_parameters() lists them:
+    pp = 1 (trainer.engine.LocalEngine) in model.named_parameters() order; pp > 1
+    (parallel.pipeline.engine.PipelineEngine) every stage's parameters once, sorted by name.
+    Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
+    seq_len, recompute, n_microbatches for layout.split == "rank_balanced" (see predict_rank_bytes)."""
+    lay = _as_layout(layout)
+    return _held_tensors(model_cfg, lay, _rank_parts(model_cfg, *_rank_stages(model_cfg, lay, rank, **split)))
+
+
+def _rank_stages(cfg, lay: PlanLayout, rank: int, precision: str = "fp32", seq_len: Optional[int] = None,
+                 recompute: str = "none", n_microbatches: int = 0) -> Tuple[List[List[Part]], Tuple[int, ...]]:
+    """(parts per stage, the stages `rank` holds)."""
+    _, placement, stages = _stages_for(cfg, lay, precision, seq_len, recompute, n_microbatches)
+    pp_rank = rank // lay.dp
+    if not 0 <= rank < lay.pp * lay.dp:
+        raise PlanError(f"rank {rank} outside world size {lay.pp * lay.dp}")
+    return stages, tuple(placement[pp_rank])
+
+
+def _held_tensors(cfg, lay: PlanLayout, parts: Sequence[Part]) -> List[TensorSpec]:
+    held = {p.name for p in parts}
+    n, n_local = cfg.n_routed_experts, cfg.n_routed_experts // lay.ep
+    out = []
+    for t in param_inventory(cfg).tensors:
+        if t.part not in held:
+            continue
+        if is_expert_param(t.name):
+            t = TensorSpec(t.name, (t.shape[0] // n * n_local,) + tuple(t.shape[1:]), t.part)
+        out.append(t)
+    return sorted(out, key=lambda t: t.name) if lay.pp > 1 else out
+
+
+def zero_owned_tensors(tensors: Sequence[TensorSpec], layout: Any, rank: int = 0,
+                       zero: bool = True) -> List[TensorSpec]:
+    """Of `tensors` (rank_tensors: what global `rank` trains, in its engine's order), those whose
+    AdamW states the rank holds under parallel/zero.ShardedAdamW: non-expert ones partitioned over
+    its DP group (group rank = dp_rank), expert ones over its expert-DP group (group rank =
+    edp_rank) by ZeroRedundancyOptimizer's rule (zero_owners) when zero and the group has > 1
+    rank; all of them otherwise."""
+    lay = _as_layout(layout)
+    dp_rank = rank % lay.dp
+    edp_rank = dp_rank // lay.ep
+    owned: List[TensorSpec] = []
+    for is_expert, groups in optimizer_param_groups([(t.name, t) for t in tensors], 0.0):
+        world, me = (lay.edp, edp_rank) if is_expert else (lay.dp, dp_rank)
+        if not zero or world <= 1:
+            world, me = 1, 0
+        for g, own in zip(groups, zero_owners([g["params"] for g in groups], world)):
+            owned += [t for t, r in zip(g["params"], own) if r == me]
+    return owned
+
+
 def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str = "fp32",
                        zero: bool = False, count_step: bool = True, seq_len: Optional[int] = None,
-                       recompute: str = "none", n_microbatches: int = 0) -> dict:
+                       recompute: str = "none", n_microbatches: int = 0, partition: str = "auto") -> dict:
     """Parameter, gradient and optimizer-state bytes held by global `rank` of `layout`.
 
     layout: a PlanLayout, parallel.topology.Layout or any object/dict with pp, dp (or
     world_size), ep and optionally schedule, gpus_per_node, layers_per_stage. Ranks follow
-    parallel/topology.py (rank = pp_rank·dp + dp_rank); a rank holds the stages the schedule
-    places on its pipeline index (DualPipe: r and pp-1-r), expert tensors sliced to
-    n_routed_experts/ep experts. precision='fp32' matches the trainer today (fp32 parameters and
-    AdamW moments); zero=False → torch AdamW's state: exp_avg + exp_avg_sq (8 B/param) plus, with
-    count_step, its fp32 'step' scalar per parameter tensor; zero=True → the ZeRO-1 shard
-    (ceil(n/dp) non-expert + ceil(n/edp) expert elements × (master + moments)).
+    parallel/topology.py (rank = pp_rank·dp + dp_rank, dp_rank = edp_rank·ep + ep_rank); a rank
+    holds the stages the schedule places on its pipeline index (DualPipe: r and pp-1-r), expert
+    tensors sliced to n_routed_experts/ep experts. precision='fp32' matches the trainer today (fp32
+    parameters and AdamW moments). zero=False → torch AdamW's state: exp_avg + exp_avg_sq
+    (8 B/param) plus, with count_step, its fp32 'step' scalar per parameter tensor. zero=True →
+    the ZeRO-1 shard, by `partition`:
+      "params": what the trainer runs (parallel/zero.py: torch's ZeroRedundancyOptimizer owns WHOLE
+                parameters — the AdamW state, step included, of the tensors zero_owned_tensors
+                gives this rank; exact per rank, uneven across a DP group);
+      "flat":   the ideal even shard of the paper's recipe (ceil(n/dp) non-expert + ceil(n/edp)
+                expert elements × (master + moments), no step counters);
+      "auto":   "params" for precision="fp32" (the numerics the trainer implements), else "flat".
     With pp > 1 and no layers_per_stage, the stage split is the runtime's
     (parallel/pipeline/stages.split_layers) unless layout.split == "rank_balanced"
     (balanced_layers_per_stage(model_cfg, schedule, pp, n_microbatches, precision, seq_len,
     recompute, ep)). A rank's stages share one embedding (stages.build_stage_modules).
     Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, ...)."""
+    if partition not in ZERO_PARTITIONS:
+        raise PlanError(f"partition: expected one of {ZERO_PARTITIONS}, got {partition!r}")
+    if partition == "auto":
+        partition = "params" if precision == "fp32" else "flat"
     lay = _as_layout(layout)
     num = numerics(precision)
-    _, placement, stages = _stages_for(model_cfg, lay, precision, seq_len, recompute, n_microbatches)
-    pp_rank = rank // lay.dp
-    if not 0 <= pp_rank < lay.pp:
-        raise PlanError(f"rank {rank} outside world size {lay.pp * lay.dp}")
-    held = placement[pp_rank]
-    out = _rank_bytes(model_cfg, _rank_parts(model_cfg, stages, held), lay, num, zero, count_step)
+    stages, held = _rank_stages(model_cfg, lay, rank, precision, seq_len, recompute, n_microbatches)
+    parts = _rank_parts(model_cfg, stages, held)
+    out = _rank_bytes(model_cfg, parts, lay, num, zero, count_step)
     out["stages"] = list(held)
+    if zero and partition == "params":
+        owned = zero_owned_tensors(_held_tensors(model_cfg, lay, parts), lay, rank, zero=True)
+        elems = sum(t.numel() for t in owned)
+        out.update(optimizer_state_elems=elems, optimizer_state_tensors=len(owned),
+                   optimizer_state_bytes=int(elems * num.optimizer) + (4 * len(owned) if count_step else 0))
+    out["zero_partition"] = partition if zero else None
     return out
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from parallel.grads import is_expert_param
+from parallel.param_groups import optimizer_param_groups
 
 
 def _group_size(group) -> int:
@@ -48,16 +48,8 @@ class ShardedAdamW:
         self.name_of = {p: n for n, p in named}
         self.optimizers: list[torch.optim.Optimizer] = []
         defaults = dict(lr=lr, betas=betas, eps=eps, foreach=True)
-        for is_expert, group in ((False, dp_group), (True, edp_group)):
-            params = [(n, p) for n, p in named if is_expert_param(n) == is_expert]
-            if not params:
-                continue
-            # weight decay on matrices only (norm weights, biases and 1-D tensors are not decayed)
-            groups = [
-                {"params": [p for _, p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0},
-            ]
-            groups = [g for g in groups if g["params"]]
+        for is_expert, groups in optimizer_param_groups(named, weight_decay):
+            group = edp_group if is_expert else dp_group
             if zero and _group_size(group) > 1:
                 opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                               process_group=group, **defaults,
