@@ -19,7 +19,14 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "con
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
+    # Multirun (-m) jobs, and launch.nproc_per_node > 1 outside torchrun: launch/sweep.py gives each
+    # job its own run.dir and runs it under torchrun (or in-process with one rank).
+    from launch import sweep
+
+    if sweep.wants_launch(cfg):
+        return sweep.run_job(cfg, main)
+
     import torch
     import torch.distributed as dist
 

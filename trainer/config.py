@@ -103,6 +103,14 @@ class PlanConfig:
 
 
 @dataclass
+class LaunchConfig:
+    # > 1: `python -m launch.train` runs itself under `torchrun --standalone --nproc_per_node N`
+    # (each job of a `-m` sweep, or a plain run); ignored when already under torchrun. launch/sweep.py
+    nproc_per_node: int = 1
+    max_restarts: int = 0  # torchrun --max-restarts for those launches
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -113,6 +121,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     precision: str = "fp32"  # fp32 | bf16 | fp8
     hardware: Any = None  # filled from configs/hardware by the planner
 
