@@ -14,11 +14,12 @@ TORCH_PIN ?= torch==2.13.0
 # pip prints one "Location ... is ignored" warning per package for absent local index folders.
 PIP_FILTER := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
-# The default job: the toy model on the embedded corpus, composed parallelism on 2 gloo
-# processes (expert parallel 2 inside data parallel 2), progress bar on rank 0.
+# The default job: the toy model on the embedded corpus, composed parallelism on 4 gloo
+# processes: 2 pipeline stages (DualPipe) x 2 data-parallel replicas, experts split over the
+# replicas (expert parallel 2), ZeRO-1; progress bar on rank 0, metrics in runs/demo.
 # Hydra overrides go in TRAIN_ARGS, e.g. make train TRAIN_ARGS="train.steps=20".
-NPROC      ?= 2
-TRAIN_CMD  ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m launch.train parallel.ep=2 run.dir=runs/demo
+NPROC      ?= 4
+TRAIN_CMD  ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m launch.train parallel=demo run.dir=runs/demo
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 

@@ -32,7 +32,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 150
     global_batch: int = 16  # sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 4  # sequences per micro-batch on one rank
+    micro_batch: int = 2  # sequences per micro-batch on one rank
     microbatches: int = 0  # micro-batches per rank per step; 0 = global_batch / (dp · micro_batch)
     seq_len: int = 128
     seed: int = 0
