@@ -28,6 +28,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def check_deepspeed_build_lock(op: str = "deepspeed_shm_comm", stale_after_s: float = 900.0) -> None:
+    """On CPU, deepspeed.init_distributed JIT-builds a small C++ op (g++ + ninja, about a minute) into
+    torch's extensions cache (~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), shared by every
+    clone on this machine. A build killed midway leaves its `lock` file behind and the next run then
+    waits on it forever: name the file and stop instead."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(op, verbose=False), "lock")
+    if not os.path.exists(lock):
+        return
+    age = time.time() - os.path.getmtime(lock)
+    if age > stale_after_s:
+        raise SystemExit(
+            f"error: {lock} is {age / 60:.0f} min old: a DeepSpeed op build ({op}) was killed midway and "
+            f"left its lock, and torch would wait on it forever. Delete that file and rerun "
+            f"(the op rebuilds in about a minute).")
+    print(f"note: another process is building DeepSpeed's {op} op (lock {lock}); waiting for it", flush=True)
+
+
 def _bench(rank: int, world: int, a: dict) -> dict:
     import logging
 
@@ -56,6 +75,7 @@ def _bench(rank: int, world: int, a: dict) -> dict:
     disp = shard_experts(ours, topo.ep_rank, topo.ep, topo.ep_group, topo.gpus_per_node)
 
     # ---- DeepSpeed ----
+    check_deepspeed_build_lock()
     import deepspeed
     from deepspeed.moe.layer import MoE as DSMoE
     from deepspeed.utils import logger as ds_logger
