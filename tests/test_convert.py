@@ -9,21 +9,11 @@ from launch.convert import (
     ConvertError, MissingTensorError, UnknownTensorError, dequantize_fp8, from_hf, main, to_hf,
 )
 from model import DeepSeekV3, ModelConfig
+from tests.helpers import tiny_model_cfg as tiny_cfg
 
 torch.set_num_threads(1)
 
 
-# The tiny preset (configs/model/tiny.yaml), inlined so edits to the presets do not move these tests.
-TINY = dict(
-    vocab_size=512, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=2,
-    n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-    route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-    max_seq_len=64, original_seq_len=64, mtp_depth=1, init_std=0.02,
-)
-
-
-def tiny_cfg(**over) -> ModelConfig:
-    return ModelConfig.from_dict({**TINY, **over})
 
 
 def ours_random(cfg: ModelConfig, seed: int = 0) -> DeepSeekV3:

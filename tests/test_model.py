@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import DeepSeekV3, ModelConfig
+from model import DeepSeekV3
+from tests.helpers import tiny_model_cfg as tiny_cfg
 from model.attention import MLA
 from model.layers import rope_cache
 from model.moe import Experts, LocalDispatcher, MoE, Router, bias_update, sequence_balance_loss
@@ -13,17 +14,6 @@ from model.moe import Experts, LocalDispatcher, MoE, Router, bias_update, sequen
 torch.set_num_threads(1)
 
 
-# The tiny preset (configs/model/tiny.yaml), inlined so edits to the presets do not move these tests.
-TINY = dict(
-    vocab_size=512, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=3, n_dense_layers=1, n_heads=2,
-    n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-    route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-    max_seq_len=64, original_seq_len=64, mtp_depth=1, init_std=0.02,
-)
-
-
-def tiny_cfg(**over) -> ModelConfig:
-    return ModelConfig.from_dict({**TINY, **over})
 
 
 def model_of(cfg, seed=0) -> DeepSeekV3:

@@ -5,17 +5,15 @@ must be refused with one line. GPU-only checks skip without CUDA.
 """
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from model import ConfigError, DeepSeekV3, ModelConfig
 from model.layers import RMSNorm
 from model.moe import Experts, Router
-from tests.helpers import compose, run_cli, train_in_process
+from tests.helpers import preset_model_cfg, run_cli, train_in_process
 from trainer.precision import apply_precision, check_precision
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -23,8 +21,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @pytest.fixture(scope="module")
 def tiny_cfg() -> ModelConfig:
-    cfg = compose(["model=tiny"])
-    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    return preset_model_cfg("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from model import DeepSeekV3, ModelConfig, set_recompute
-from tests.helpers import compose, train_in_process
+from tests.helpers import preset_model_cfg, train_in_process
 from trainer.precision import SavedActivations, saved_activation_bytes
 
 MODES = ("none", "norm_and_up_proj", "full")
@@ -19,8 +18,7 @@ MODES = ("none", "norm_and_up_proj", "full")
 
 @pytest.fixture(scope="module")
 def tiny_cfg() -> ModelConfig:
-    cfg = compose(["model=tiny"])
-    return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    return preset_model_cfg("tiny")
 
 
 @pytest.fixture(scope="module")

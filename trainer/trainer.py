@@ -11,7 +11,6 @@ import datetime
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
