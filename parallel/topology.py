@@ -186,6 +186,7 @@ class Topology:
     gpus_per_node: int = 8
     backend: Optional[str] = None
     build_groups: bool = True
+    timeout: Optional[Any] = None  # datetime.timedelta for every group's collectives (None: torch's default)
     layout: Layout = field(init=False)
     mesh: Any = field(init=False, default=None)
     pp_group: Any = field(init=False, default=None)
@@ -215,12 +216,14 @@ class Topology:
 
     # ----- construction -----
     @classmethod
-    def from_env(cls, pp: int = 1, dp: Optional[int] = None, ep: int = 1, gpus_per_node: int = 8) -> "Topology":
+    def from_env(cls, pp: int = 1, dp: Optional[int] = None, ep: int = 1, gpus_per_node: int = 8,
+                 timeout: Optional[Any] = None) -> "Topology":
         """From an initialised torch.distributed (else a 1-process topology without groups)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_world_size(), dist.get_rank(), pp, dp, ep, gpus_per_node, dist.get_backend())
+            return cls(dist.get_world_size(), dist.get_rank(), pp, dp, ep, gpus_per_node, dist.get_backend(),
+                       timeout=timeout)
         return cls(1, 0, pp, dp, ep, gpus_per_node, default_backend(), build_groups=False)
 
     def _build_groups(self) -> None:
@@ -235,20 +238,26 @@ class Topology:
 
         device = "cuda" if self.backend == "nccl" else "cpu"
         self.mesh = init_device_mesh(device, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
-        self.pp_group = self.mesh.get_group("pp")
-        self.dp_group = self.mesh.get_group("dp")
-
-        def build(groups: list[list[int]]):
-            mine = None
-            for ranks in groups:  # every rank creates every group, in the same order
-                g = dist.new_group(ranks)
-                if self.rank in ranks:
-                    mine = g
-            return mine
-
+        # The collectives run on groups built here with an explicit timeout (DeviceMesh's own
+        # sub-groups would get torch's 30-minute default, so a hang would not surface for that long).
+        self.pp_group = self.new_group_of(self.layout.pp_groups())
+        self.dp_group = self.new_group_of(self.layout.dp_groups())
+        build = self.new_group_of
         self.ep_group = build(self.layout.ep_groups())
         self.edp_group = build(self.layout.edp_groups())
         self.stage_pair_group = build(self.layout.stage_pair_groups())
+
+    def new_group_of(self, groups: list[list[int]]):
+        """Create one process group per rank list (every rank creates every group, in the same
+        order, as torch requires) with this topology's timeout; return the one this rank is in."""
+        import torch.distributed as dist
+
+        mine = None
+        for ranks in groups:
+            g = dist.new_group(ranks, timeout=self.timeout)
+            if self.rank in ranks:
+                mine = g
+        return mine
 
     # ----- convenience -----
     @property
@@ -303,4 +312,5 @@ def init_distributed(
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Topology(world_size, rank, pp, dp, ep, gpus_per_node, dist.get_backend())
+    return Topology(world_size, rank, pp, dp, ep, gpus_per_node, dist.get_backend(),
+                    timeout=timedelta(seconds=timeout_s))

@@ -64,3 +64,14 @@ def test_crashed_rank_restarts_from_last_checkpoint(tmp_path):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for a, b in zip(ref, rows):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+
+
+def test_collective_timeout_names_rank_and_operation(tmp_path):
+    """A rank that hangs makes the others' next collective time out after parallel.timeout_s; the
+    error names the waiting rank, its coordinates and the operation."""
+    res = run_cli([f"run.dir={tmp_path}", "train.steps=4", "parallel.ep=2", "parallel.timeout_s=4",
+                   "debug.fail_at_step=2", "debug.fail_rank=1", "debug.fail_mode=hang"], nproc=2, timeout=200)
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: rank 0 (pp 0, dp 0, ep 0)")]
+    assert lines, res.stderr[-3000:]
+    assert "failed at step 2" in lines[0] and "forward/backward" in lines[0], lines[0]

@@ -80,6 +80,7 @@ class DebugConfig:
     fail_at_step: int = -1  # fault injection: kill a rank hard at this step ...
     fail_rank: int = 0  # ... this rank ...
     fail_once: bool = True  # ... on the first attempt only
+    fail_mode: str = "exit"  # exit (os._exit) | hang (sleep: the other ranks' collectives time out)
     record_timeline: bool = False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ from trainer.engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out; the message names the rank, its coordinates and the op."""
 
 
 @dataclass
@@ -129,7 +134,7 @@ class Trainer:
         store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         p = self.cfg.parallel
-        self.topo = Topology.from_env(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node)
+        self.topo = Topology.from_env(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node, timeout=timeout)
 
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
@@ -269,11 +274,31 @@ class Trainer:
             dist.all_reduce(totals)
         return {k: int(v) for k, v in zip(keys, totals.tolist())}
 
+    @contextlib.contextmanager
+    def _collective(self, what: str, step: int):
+        """Name the rank, its coordinates and the operation when a collective fails or times out
+        (parallel.timeout_s), instead of a bare backend error from somewhere inside the step."""
+        if self.topo is None:
+            yield
+            return
+        try:
+            yield
+        except (RuntimeError, dist.DistError) as err:
+            t = self.topo
+            where = f"rank {self.rank} (pp {t.pp_rank}, dp {t.dp_rank}, ep {t.ep_rank})"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            msg = f"{where}: {what} failed at step {step + 1}: {first}"
+            print(f"error: {msg}", file=sys.stderr, flush=True)
+            raise CollectiveError(msg) from err
+
     def _maybe_fail(self, step: int) -> None:
         d = self.cfg.debug
         if d.fail_at_step == step and d.fail_rank == self.rank:
             attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
             if not d.fail_once or attempt == 0:
+                if d.fail_mode == "hang":  # the others' next collective times out (parallel.timeout_s)
+                    print(f"debug: rank {self.rank} hangs at step {step} (attempt {attempt})", flush=True)
+                    time.sleep(10 * self.cfg.parallel.timeout_s)
                 print(f"debug: rank {self.rank} fails hard at step {step} (attempt {attempt})", flush=True)
                 os._exit(13)
 
@@ -293,14 +318,18 @@ class Trainer:
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                with self.autocast():
+                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step), self.autocast():
                     losses = self.engine.forward_backward(self._micro_batches(step))
-                self._reduce_gradients()
-                grad_norm = self.engine.grad_norm()
+                with self._collective("gradient all-reduce over DP / expert-DP", step):
+                    self._reduce_gradients()
+                with self._collective("grad-norm all-reduce", step):
+                    grad_norm = self.engine.grad_norm()
                 clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
-                self.optimizer.step()
+                with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                loads = self.engine.expert_loads()
+                with self._collective("expert-load all-reduce", step):
+                    loads = self.engine.expert_loads()
                 self.engine.update_router_biases(loads)
                 aux = self.engine.aux_loss_sum()
                 a2a = self._a2a_stats()

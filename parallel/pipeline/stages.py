@@ -176,27 +176,19 @@ def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
     ``init_weights`` and before building the optimizer). Returns the dispatchers (one per chunk).
 
     Chunk 0 uses ``topo.ep_group``; every further chunk gets its OWN EP process group over the
-    same ranks (built here with ``dist.new_group`` for every EP group, in the same order on all
+    same ranks (built here with ``topo.new_group_of`` for every EP group, in the same order on all
     ranks: a collective over the default group). DualPipe's FB pairs run a forward on one chunk
     concurrently with a backward on the other; with one group per chunk their all-to-alls never
     interleave on a single communicator, and each group sees the same collective order on every
     EP rank (the order of the schedule's actions on that chunk). With ep == 1 nothing changes
     (the LocalDispatcher runs every expert in process)."""
-    import torch.distributed as dist
-
     from parallel.dispatch import AllToAllDispatcher, shard_experts
 
     if topo.ep == 1:
         return []
     dispatchers = []
     for c, m in enumerate(modules):
-        group = topo.ep_group
-        if c > 0:
-            group = None
-            for ranks in topo.layout.ep_groups():
-                g = dist.new_group(ranks)
-                if topo.rank in ranks:
-                    group = g
+        group = topo.ep_group if c == 0 else topo.new_group_of(topo.layout.ep_groups())
         n_experts = m.cfg.n_routed_experts
         disp = AllToAllDispatcher(group, n_experts, topo.gpus_per_node)
         shard_experts(m, topo.ep_rank, topo.ep, group, topo.gpus_per_node, dispatcher=disp)
