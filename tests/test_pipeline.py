@@ -351,6 +351,55 @@ def test_dualpipe_pp2_ep2_matches_single_process():
             assert _rel(p, want) < RTOL, name
 
 
+def a2a_compute_overlaps(trace: list[dict]) -> list[tuple]:
+    """(rank, a2a event, compute event, overlap ms) for every all-to-all interval of one
+    micro-batch that is open while the same rank computes (F / B / Bi / W) ANOTHER micro-batch.
+    With sequential FB pairs (overlap="none") this is empty: a forward's all-to-alls lie inside
+    that forward's own F interval and compute intervals never overlap each other."""
+    xs = [e for e in trace if e.get("ph") == "X"]
+    a2a = [e for e in xs if e["cat"] == "a2a"]
+    compute = [e for e in xs if e["cat"] in ("F", "B", "Bi", "W")]
+    out = []
+    for a in a2a:
+        for k in compute:
+            if k["pid"] != a["pid"] or k["args"]["microbatch"] == a["args"]["microbatch"]:
+                continue
+            ov = min(a["ts"] + a["dur"], k["ts"] + k["dur"]) - max(a["ts"], k["ts"])
+            if ov > 0:
+                out.append((a["pid"], a, k, ov / 1e3))
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_dualpipe_ep_timeline_shows_a2a_overlapping_other_microbatch_compute(tmp_path):
+    """The real trainer (torchrun, 4 ranks: pp=2 x dp=2, ep=2, DualPipe) with
+    debug.record_timeline=true: in run.dir/timeline.json some all-to-all (dispatch / combine) of
+    micro-batch i is open while the same rank computes micro-batch j != i — the forward half of an
+    FB pair doing its all-to-all while the main thread runs the other micro-batch's backward."""
+    import json
+
+    from tests.helpers import run_cli
+
+    r = run_cli(["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe", "train.global_batch=16",
+                 "train.micro_batch=1", "model.n_layers=4", "train.steps=1", "debug.record_timeline=true",
+                 f"run.dir={tmp_path}"], nproc=4, timeout=140)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / "timeline.json") as f:
+        trace = json.load(f)["traceEvents"]
+    xs = [e for e in trace if e.get("ph") == "X"]
+    assert {e["pid"] for e in xs} == {0, 1, 2, 3}
+    for rank in range(4):  # every rank recorded its compute and its (forward) all-to-alls
+        cats = {e["cat"] for e in xs if e["pid"] == rank}
+        assert {"F", "B", "a2a", "p2p"} <= cats, (rank, cats)
+    assert all(e["name"].split()[0] in ("dispatch", "combine") and "microbatch" in e["args"]
+               for e in xs if e["cat"] == "a2a")
+    found = a2a_compute_overlaps(trace)
+    assert found, "no all-to-all interval overlaps another micro-batch's compute"
+    # the overlap is the FB pair's: an all-to-all of the forward half (its own thread) during the
+    # main thread's backward of another micro-batch
+    assert any(a["args"]["thread"] == 1 and k["cat"] in ("B", "Bi") and k["tid"] == 0 for _, a, k, _ in found)
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
+
 
 @pytest.mark.parametrize("mode", ["none", "norm_and_up_proj", "full", "fp8"])
 def test_weight_grad_split_matches_full_backward(mode):
