@@ -74,6 +74,27 @@ def train_reference(cfg: ModelConfig, n_micro: int, steps: int, mb: int = MB) ->
     return out
 
 
+def _train_steps(engine, opt, out: dict, steps: int, micro_batches, reduce=None) -> None:
+    """The trainer's step, on an engine: forward/backward, (DP reduction), clip by the global norm,
+    AdamW, router-bias update. Records losses, norms, first-step grads and the final parameters."""
+    for step in range(steps):
+        losses = engine.forward_backward(micro_batches(step))
+        if reduce is not None:
+            reduce()
+        if step == 0:
+            out["grads"] = {n: p.grad.clone() for n, p in engine.named_parameters()}
+        norm = engine.grad_norm()
+        clip_grads_(engine.parameters(), norm, CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        engine.update_router_biases(engine.expert_loads())
+        engine.reset_moe_stats()
+        out["lm"].append(float(losses.lm))
+        out["mtp"].append(float(losses.mtp))
+        out["norm"].append(norm)
+    out["params"] = {n: p.detach().clone() for n, p in engine.named_parameters()}
+
+
 def _pipeline_worker(rank, world, schedule_name, pp, n_micro, n_layers, steps, timeline_dir=None,
                      ordered_sends=False):
     from parallel.pipeline.engine import PipelineEngine
@@ -93,20 +114,7 @@ def _pipeline_worker(rank, world, schedule_name, pp, n_micro, n_layers, steps, t
     opt = _adamw(engine.parameters())
     out = {"lm": [], "mtp": [], "norm": [], "stages": list(sched.placement[topo.pp_rank]),
            "shared_embed": len(modules) == 2 and modules[0].embed is not None and modules[0].embed is modules[1].embed}
-    for step in range(steps):
-        losses = engine.forward_backward(batch(step, n_micro, cfg.vocab_size))
-        if step == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in engine.named_parameters()}
-        norm = engine.grad_norm()
-        clip_grads_(engine.parameters(), norm, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        engine.update_router_biases(engine.expert_loads())
-        engine.reset_moe_stats()
-        out["lm"].append(float(losses.lm))
-        out["mtp"].append(float(losses.mtp))
-        out["norm"].append(norm)
-    out["params"] = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    _train_steps(engine, opt, out, steps, lambda step: batch(step, n_micro, cfg.vocab_size))
     out["bias"] = {n: m.gate.bias.clone() for n, m in engine.moe_layers().items()}
     if timeline_dir is not None:
         tl.enabled = True
@@ -299,23 +307,12 @@ def _ep_worker(rank, world, schedule_name, pp, ep, n_micro, steps):
     first = {n: (m.first_expert, m.n_local) for m_ in modules for n, m in
              ((n, mod) for n, mod in m_.named_modules() if hasattr(mod, "first_expert"))}
     out["experts"] = first
-    for step in range(steps):
-        full = batch(step, n_micro, cfg.vocab_size, MB * topo.dp)  # global micro-batches [dp*MB, SEQ+1]
-        mine = [t[topo.dp_rank * MB:(topo.dp_rank + 1) * MB] for t in full]
-        losses = engine.forward_backward(mine)
-        allreduce_gradients(engine.modules, topo)  # DP mean (the stage pair was summed by the engine)
-        if step == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in engine.named_parameters()}
-        norm = engine.grad_norm()
-        clip_grads_(engine.parameters(), norm, CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        engine.update_router_biases(engine.expert_loads())
-        engine.reset_moe_stats()
-        out["lm"].append(float(losses.lm))
-        out["mtp"].append(float(losses.mtp))
-        out["norm"].append(norm)
-    out["params"] = {n: p.detach().clone() for n, p in engine.named_parameters()}
+    def my_share(step):  # this DP rank's slice of the global micro-batches [dp*MB, SEQ+1]
+        full = batch(step, n_micro, cfg.vocab_size, MB * topo.dp)
+        return [t[topo.dp_rank * MB:(topo.dp_rank + 1) * MB] for t in full]
+
+    # DP mean after the engine step (the engine already summed the stage pair)
+    _train_steps(engine, opt, out, steps, my_share, reduce=lambda: allreduce_gradients(engine.modules, topo))
     engine.close()
     return out
 
