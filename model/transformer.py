@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import MLA
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
 from model.layers import MLP, Linear, RMSNorm, rope_cache
 from model.moe import MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
@@ -171,10 +171,13 @@ def enable_fp8(model: nn.Module) -> int:
     return n
 
 
+RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
+
+
 def set_recompute(model: nn.Module, mode: str) -> None:
     """'none' | 'norm_and_up_proj' (recompute MLA latent norms + up-projections) | 'full' (per block)."""
-    if mode not in ("none", "norm_and_up_proj", "full"):
-        raise ValueError(f"train.recompute: expected none|norm_and_up_proj|full, got {mode!r}")
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {mode!r}")
     for mod in model.modules():
         if isinstance(mod, MLA):
             mod.recompute_up_proj = mode == "norm_and_up_proj"

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
-from model.flops import count_params, train_flops_per_token
+from model.transformer import RECOMPUTE_MODES
+from model.flops import train_flops_per_token
 from parallel.grads import clip_grads_
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
@@ -75,12 +76,25 @@ def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
     if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
+    if t.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
+    expert_nodes(cfg, model_cfg, layout)
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
         raise ConfigError(
             f"train.microbatches={t.microbatches} disagrees with train.global_batch / (parallel.dp × "
             f"train.micro_batch) = {n_micro}; set one of them")
     return n_micro
+
+
+def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
+    """Node-groups of the routed experts for node-limited routing: parallel.expert_nodes, or the
+    nodes this layout's EP group spans (ep / gpus_per_node)."""
+    p = cfg.parallel
+    n = p.expert_nodes or max(1, -(-layout.ep // p.gpus_per_node))
+    if model_cfg.n_routed_experts % n:
+        raise ConfigError(f"parallel.expert_nodes={n} does not divide model.n_routed_experts={model_cfg.n_routed_experts}")
+    return n
 
 
 def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
@@ -101,12 +115,7 @@ class Trainer:
         self.layout = resolve_layout(cfg)
         self.n_micro = validate(cfg, self.model_cfg, self.layout)
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
-        p = cfg.parallel
-        self.expert_nodes = p.expert_nodes or max(1, -(-self.layout.ep // p.gpus_per_node))
-        if self.model_cfg.n_routed_experts % self.expert_nodes:
-            raise ConfigError(f"parallel.expert_nodes={self.expert_nodes} does not divide "
-                              f"model.n_routed_experts={self.model_cfg.n_routed_experts}")
-        set_recompute(torch.nn.Module(), cfg.train.recompute)  # validates the value only
+        self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if self.data.vocab_size > self.model_cfg.vocab_size:
             raise ConfigError(
@@ -175,9 +184,7 @@ class Trainer:
 
             self.ema = CPUEMA(dict(self.engine.named_parameters()), decay=t.ema_decay)
 
-        counts = count_params(mcfg)
         self.flops_per_token = train_flops_per_token(mcfg, t.seq_len)
-        self.params_total, self.params_activated = counts.total, counts.activated
         if cfg.logging.peak_tflops > 0:
             self.peak_flops = cfg.logging.peak_tflops * 1e12
         else:
