@@ -57,7 +57,6 @@ This module is pure PyTorch and never imports torch.distributed.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
