@@ -1,6 +1,6 @@
 """The pipeline runtime: executes ``schedule.actions[pp_rank]`` exactly, in order.
 
-``PipelineEngine(schedule, modules, topo)`` satisfies trainer/engine.py's contract
+``PipelineEngine(schedule, modules, topo)`` satisfies parallel/engine.py's contract
 (``forward_backward(micro_batches) -> StepLosses``); ``modules[c]`` is the stage module of chunk
 ``c`` (``stages.build_stage_modules``). Every rank of a pipeline gets the same micro-batches (the
 data depend only on the dp index): the first stage embeds ``tokens[:, :-1]``, the stage that holds
@@ -72,8 +72,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from model import DeepSeekV3
-from model.moe import MoE
-from trainer.engine import StepLosses
+from parallel.engine import StageEngine, StepLosses
 
 from .p2p import P2P
 from .schedule import Action, Kind, Schedule, ScheduleError
@@ -265,7 +264,7 @@ class _Current(threading.local):
     tid: int = 0
 
 
-class PipelineEngine:
+class PipelineEngine(StageEngine):
     """Run one rank's share of a pipeline schedule (see the module docstring).
 
     schedule: the Schedule (``get_schedule`` / ``stages.plan_pipeline``); modules: one stage
@@ -382,12 +381,6 @@ class PipelineEngine:
                                 pp_group=self.topo.pp_group)
 
     # ------------------------------------------------------------------ MoE bookkeeping
-    def moe_layers(self) -> dict[str, MoE]:
-        out = {}
-        for m in self.modules:
-            out.update(m.moe_layers())
-        return out
-
     def expert_loads(self) -> dict[str, torch.Tensor]:
         """Global tokens per expert of every MoE layer this rank holds: summed over the DP group
         and, where the partner holds the same layers (DualPipe), over the stage pair — each
@@ -395,20 +388,6 @@ class PipelineEngine:
         from parallel.dispatch import global_expert_load
 
         return global_expert_load(self.modules, self.topo, stage_pair=self._pair_same_stages)
-
-    def aux_loss_sum(self) -> float:
-        """This rank's summed balance loss of the step (each micro-batch counted on the copy that
-        ran it): the trainer sums it over all ranks of a replica, like the losses."""
-        return float(sum(float(m.aux_loss_sum) for m in self.moe_layers().values()))
-
-    def reset_moe_stats(self) -> None:
-        for m in self.moe_layers().values():
-            m.tokens_per_expert.zero_()
-            m.aux_loss_sum.zero_()
-
-    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
-        for m in self.modules:
-            m.update_router_biases(loads)
 
     # ------------------------------------------------------------------ the step
     def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
