@@ -311,6 +311,12 @@ def init_distributed(
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        # Under `torchrun --max-restarts`, the agent's store outlives a failed attempt and still holds
+        # that attempt's gloo/NCCL addresses: give every attempt its own key space.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return Topology(world_size, rank, pp, dp, ep, gpus_per_node, dist.get_backend(),
                     timeout=timedelta(seconds=timeout_s))

@@ -7,11 +7,9 @@ every rank and no collective ever starts.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,6 +20,7 @@ from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.transformer import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
 from parallel.grads import clip_grads_
+from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
@@ -35,33 +34,11 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the rank, its coordinates and the op."""
 
 
-@dataclass
-class Layout:
-    world: int
-    rank: int
-    pp: int
-    dp: int
-    ep: int
-
-
-def resolve_layout(cfg) -> Layout:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    pp = cfg.parallel.pp
-    dp = cfg.parallel.dp or max(world // max(pp, 1), 1)
-    return Layout(world, rank, pp, dp, cfg.parallel.ep)
-
-
-def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
-    """All static checks; returns micro-batches per rank per step. Raises named errors."""
-    from parallel.topology import validate_layout
-
-    validate_layout(
-        world_size=layout.world, pp=layout.pp, dp=layout.dp, ep=layout.ep,
-        gpus_per_node=cfg.parallel.gpus_per_node, n_routed_experts=model_cfg.n_routed_experts,
-        max_nodes_per_token=model_cfg.max_nodes_per_token,
-        n_activated_experts=model_cfg.n_activated_experts,
-    )
+def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]:
+    """All static checks; returns the layout and micro-batches per rank per step. Raises named
+    errors, and runs before any process group exists."""
+    p = cfg.parallel
+    layout = validate_for_model(world_size, p.pp, p.dp, p.ep, p.gpus_per_node, model_cfg)
     t = cfg.train
     if t.steps < 1:
         raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
@@ -84,7 +61,7 @@ def validate(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
         raise ConfigError(
             f"train.microbatches={t.microbatches} disagrees with train.global_batch / (parallel.dp × "
             f"train.micro_batch) = {n_micro}; set one of them")
-    return n_micro
+    return layout, n_micro
 
 
 def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
@@ -112,8 +89,8 @@ class Trainer:
         self.cfg = cfg
         model_dict = OmegaConf.to_container(cfg.model, resolve=True)
         self.model_cfg = ModelConfig.from_dict(model_dict)
-        self.layout = resolve_layout(cfg)
-        self.n_micro = validate(cfg, self.model_cfg, self.layout)
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.layout, self.n_micro = validate(cfg, self.model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
@@ -121,29 +98,20 @@ class Trainer:
             raise ConfigError(
                 f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
-        self.rank, self.is_main = self.layout.rank, self.layout.rank == 0
+        self.is_main = self.rank == 0
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
         self.topo = None
-        if self.layout.world > 1:
+        if self.layout.world_size > 1:
             self._init_distributed()
         self._build()
 
     # ------------------------------------------------------------------ build
     def _init_distributed(self) -> None:
-        from parallel.topology import Topology
+        from parallel.topology import init_distributed
 
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        timeout = datetime.timedelta(seconds=self.cfg.parallel.timeout_s)
-        # Under `torchrun --max-restarts`, the agent's store outlives a failed attempt and still holds
-        # that attempt's gloo/NCCL addresses: give every attempt its own key space.
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"dsv3/attempt_{attempt}", store)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
         p = self.cfg.parallel
-        self.topo = Topology.from_env(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node, timeout=timeout)
+        self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
+                                     timeout_s=p.timeout_s)
 
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
@@ -370,7 +338,7 @@ class Trainer:
 
     def _record(self, lm, mtp, aux, grad_norm, lr, tokens_per_s, dt, loads) -> dict:
         cvs = [float(l.std(unbiased=False) / l.mean().clamp_min(1e-9)) for l in loads.values()]
-        mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.layout.world)
+        mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.layout.world_size)
         return {
             "loss": lm + self.model_cfg.mtp_lambda * mtp + aux,
             "lm_loss": lm,
