@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from parallel.grads import optimizer_state_bytes
 from parallel.param_groups import optimizer_param_groups
 
 
@@ -98,11 +99,8 @@ class ShardedAdamW:
             self._local(opt).state.clear()
 
     def state_bytes(self) -> int:
-        total = 0
-        for opt in self.optimizers:
-            for st in self._local(opt).state.values():
-                total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
-        return total
+        """Bytes of the optimizer states held on this rank (its ZeRO-1 shard)."""
+        return sum(optimizer_state_bytes(self._local(opt)) for opt in self.optimizers)
 
 
 def unsharded_state_bytes(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> int:

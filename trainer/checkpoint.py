@@ -75,14 +75,9 @@ def optimizer_state(modules: dict[str, torch.nn.Module], owned, prefix: str = "o
     of every module this rank holds (to find the Experts blocks)."""
     out = {}
     for name, _, st in owned:
-        mod = modules.get(name.rsplit(".", 1)[0])
         for kind in ("exp_avg", "exp_avg_sq"):
-            t = st[kind]
-            if isinstance(mod, Experts):
-                for e in range(mod.n_local):
-                    out[f"{prefix}{name}.{mod.first_expert + e}.{kind}"] = t[e]
-            else:
-                out[f"{prefix}{name}.{kind}"] = t
+            for key, t in tensor_items({name: st[kind]}, modules).items():
+                out[f"{prefix}{key}.{kind}"] = t
         out[f"{prefix}{name}.step"] = st["step"]
     return out
 
