@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.transformer import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
-from parallel.grads import clip_grads_
+from parallel.grads import clip_grads_, count_bytes
 from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
@@ -146,6 +146,7 @@ class Trainer:
         self.modules = modules
         t = cfg.train
         self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
+        self.param_bytes = count_bytes(p for _, p in self.engine.named_parameters())
         self.ema = None
         if t.ema_decay > 0:
             from trainer.ema import CPUEMA
@@ -229,25 +230,23 @@ class Trainer:
 
             allreduce_gradients(self.modules, self.topo)
 
-    def _global_mean(self, values: list[float]) -> list[float]:
-        """Average per-rank values over data-parallel replicas (sum over PP stages)."""
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """One all-reduce (SUM over every rank) for all of a step's logged numbers."""
         t = torch.tensor(values, dtype=torch.float64)
         if self.topo is not None:
             dist.all_reduce(t)
-            t /= self.layout.dp
         return t.tolist()
 
-    def _a2a_stats(self) -> dict:
-        """All-to-all bytes of this step (dispatch + combine, sent + received), summed over ranks."""
-        keys = ("a2a_bytes_intra_node", "a2a_bytes_inter_node")
-        totals = torch.zeros(len(keys), dtype=torch.float64)
+    def _local_a2a_bytes(self) -> list[float]:
+        """This rank's all-to-all bytes of the step (intra-node, inter-node; dispatch + combine,
+        sent + received); reading resets the dispatchers' counters."""
+        totals = [0.0, 0.0]
         for m in self.engine.moe_layers().values():
             if hasattr(m.dispatcher, "reset_stats"):
                 st = m.dispatcher.reset_stats()
-                totals += torch.tensor([float(st.get(k, 0)) for k in keys], dtype=torch.float64)
-        if self.topo is not None:
-            dist.all_reduce(totals)
-        return {k: int(v) for k, v in zip(keys, totals.tolist())}
+                totals[0] += float(st.get("a2a_bytes_intra_node", 0))
+                totals[1] += float(st.get("a2a_bytes_inter_node", 0))
+        return totals
 
     @contextlib.contextmanager
     def _collective(self, what: str, step: int):
@@ -307,14 +306,18 @@ class Trainer:
                     loads = self.engine.expert_loads()
                 self.engine.update_router_biases(loads)
                 aux = self.engine.aux_loss_sum()
-                a2a = self._a2a_stats()
+                a2a = self._local_a2a_bytes()
                 self.engine.reset_moe_stats()
                 if self.ema is not None:
                     self.ema.update(dict(self.engine.named_parameters()))
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
-                lm, mtp, aux = self._global_mean([float(losses.lm), float(losses.mtp), aux])
+                lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), aux, *a2a])
+                # losses: summed over the ranks of each replica (contract of forward_backward), then
+                # averaged over the DP replicas; a2a bytes: the total over all ranks
+                lm, mtp, aux = lm / self.layout.dp, mtp / self.layout.dp, aux / self.layout.dp
+                a2a = {"a2a_bytes_intra_node": int(intra), "a2a_bytes_inter_node": int(inter)}
                 dt = time.perf_counter() - t0
                 step_no = step + 1
                 if sink is not None:
@@ -337,7 +340,7 @@ class Trainer:
             self.engine.close()
 
     def _record(self, lm, mtp, aux, grad_norm, lr, tokens_per_s, dt, loads) -> dict:
-        cvs = [float(l.std(unbiased=False) / l.mean().clamp_min(1e-9)) for l in loads.values()]
+        cvs = [_load_cv(l) for l in loads.values()]
         mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.layout.world_size)
         return {
             "loss": lm + self.model_cfg.mtp_lambda * mtp + aux,
@@ -350,7 +353,7 @@ class Trainer:
             "mfu": mfu,
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
-            "param_bytes": sum(p.numel() * p.element_size() for _, p in self.engine.named_parameters()),
+            "param_bytes": self.param_bytes,
             "optimizer_state_bytes": self.optimizer.state_bytes(),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
@@ -362,5 +365,10 @@ class Trainer:
             frac = l / l.sum().clamp_min(1)
             out[f"expert_load/{name}/min"] = float(frac.min())
             out[f"expert_load/{name}/max"] = float(frac.max())
-            out[f"expert_load/{name}/cv"] = float(l.std(unbiased=False) / l.mean().clamp_min(1e-9))
+            out[f"expert_load/{name}/cv"] = _load_cv(l)
         return out
+
+
+def _load_cv(load: torch.Tensor) -> float:
+    """Coefficient of variation of one MoE layer's tokens per expert (0 = perfectly balanced)."""
+    return float(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
