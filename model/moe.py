@@ -105,11 +105,18 @@ def permute_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, 
     return order, counts
 
 
-def combine_topk(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Undo `permute_by_expert` and sum each token's k expert outputs, weighted by its gates."""
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def combine_topk(y_sorted: torch.Tensor, inv_order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Undo `permute_by_expert` (a gather with the inverse of its order: a cheaper backward than a
+    scatter) and sum each token's k expert outputs, weighted by its gates, in slot order.
+    The row width is explicit so that a rank with no tokens (n = 0) works."""
     n, k = weights.shape
-    y = torch.empty_like(y_sorted)
-    y[order] = y_sorted
+    y = y_sorted.index_select(0, inv_order)
     return (y.view(n, k, y_sorted.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
 
 
@@ -126,7 +133,7 @@ class LocalDispatcher:
         order, counts = permute_by_expert(ids, experts.n_local)
         k = ids.shape[1]
         y_sorted = experts(x[order // k], counts.tolist())
-        return combine_topk(y_sorted, order, weights)
+        return combine_topk(y_sorted, inverse_permutation(order), weights)
 
 
 def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -164,8 +171,8 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones_like(aux)
 
 
-def _in_backward() -> bool:
-    """True while autograd re-runs a forward for activation recompute."""
+def in_recompute() -> bool:
+    """True while autograd re-runs a forward for activation recompute (don't count stats twice)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -191,7 +198,7 @@ class MoE(nn.Module):
         aux = None
         if self.training and self.alpha > 0:
             aux = sequence_balance_loss(scores.view(bsz, seq, -1), ids.view(bsz, seq, -1), self.alpha)
-        if self.training and not _in_backward():
+        if self.training and not in_recompute():
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.n_experts).to(self.tokens_per_expert)
                 if aux is not None:

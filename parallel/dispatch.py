@@ -4,8 +4,7 @@
 `combine_topk`, so that model/ needs nothing from parallel/ (dependencies point one way:
 parallel → model). Dispatcher and LocalDispatcher are re-exported here because this is where the
 dispatchers live in the design map. `AllToAllDispatcher` reuses the same permutation and
-combine_topk's arithmetic (done with a gather instead of a scatter), so both dispatchers sum each
-token's k expert outputs in the same order.
+combine_topk, so both dispatchers sum each token's k expert outputs in the same order.
 
 Expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP rank::
 
@@ -14,7 +13,7 @@ Expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP
     all_to_all_single(x, splits)      dispatch: received rows grouped by (source rank, local expert)
     regroup by local expert           second (stable) permutation → experts(x_local, counts_local)
     undo regroup, all_to_all_single   combine: outputs go back along the reverse splits
-    combine (as combine_topk)         un-permute and Σ_k gate · expert output
+    combine_topk                      un-permute and Σ_k gate · expert output
 
 Autograd flows through both all-to-alls (`_AllToAll`: the backward is the reverse
 all_to_all_single). `dispatch_async` / `combine_async` return handles with `.wait()` so a
@@ -33,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import Dispatcher, Experts, LocalDispatcher, MoE, permute_by_expert
+from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, in_recompute,
+                       inverse_permutation, permute_by_expert)
 
 __all__ = [
     "AllToAllDispatcher", "Dispatcher", "LocalDispatcher", "DispatchHandle", "CombineHandle", "Dispatched",
@@ -42,11 +42,6 @@ __all__ = [
 
 STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_inter_node_two_hop",
              "a2a_bytes_inter_node_flat_own", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
-
-
-def _in_backward() -> bool:
-    """True while autograd re-runs a forward (activation recompute): don't count stats twice."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class _AllToAll(torch.autograd.Function):
@@ -71,22 +66,6 @@ class _AllToAll(torch.autograd.Function):
         grad_in = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
         dist.all_to_all_single(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
         return grad_in, None, None, None, None
-
-
-def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv
-
-
-def _combine(y_sorted: torch.Tensor, inv_order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`model.moe.combine_topk` with the un-permutation done as a gather (index_select with the
-    inverse permutation: same values, a cheaper backward) and an explicit row width (n = 0 works).
-    The arithmetic — Σ over the k slots of y·gate, in slot order — is combine_topk's, so outputs
-    equal LocalDispatcher's bit for bit (tests/test_ep.py::test_dispatcher_without_group_equals_local)."""
-    n, k = weights.shape
-    y = y_sorted.index_select(0, inv_order)
-    return (y.view(n, k, y_sorted.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
 
 
 @dataclass
@@ -128,7 +107,7 @@ class CombineHandle:
             self._work.wait()
             self._work = None
         self._dispatcher._add_time(time.perf_counter() - self._t0)
-        return _combine(self._y, self._state.inv_order, self._state.weights)
+        return combine_topk(self._y, self._state.inv_order, self._state.weights)
 
 
 class AllToAllDispatcher:
@@ -172,11 +151,11 @@ class AllToAllDispatcher:
         return old
 
     def _add_time(self, dt: float) -> None:
-        if not _in_backward():
+        if not in_recompute():
             self.stats["a2a_seconds"] += dt
 
     def _record(self, ids: torch.Tensor, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
-        if _in_backward():
+        if in_recompute():
             return
         st = self.stats
         intra = inter = 0
@@ -229,8 +208,8 @@ class AllToAllDispatcher:
         if ep > 1 and nl > 1:
             local_id = torch.arange(nl, device=ids.device).repeat(ep).repeat_interleave(rc.flatten())
             regroup = torch.argsort(local_id, stable=True)
-            ungroup = _inverse_permutation(regroup)
-        state = Dispatched(x=x_sorted, counts=counts_local, inv_order=_inverse_permutation(order), weights=weights,
+            ungroup = inverse_permutation(regroup)
+        state = Dispatched(x=x_sorted, counts=counts_local, inv_order=inverse_permutation(order), weights=weights,
                            send_splits=send_splits, recv_splits=recv_splits, regroup=regroup, ungroup=ungroup,
                            t_issue=t0)
         self._record(ids, send_splits, recv_splits, x.shape[-1] * x.element_size())
