@@ -7,7 +7,7 @@ from .dualpipe import dualpipe
 from .dualpipev import dualpipev
 from .one_f_one_b import one_f_one_b
 from .schedule import (B, F, FB, W, Action, Kind, Message, Schedule, ScheduleError,
-                       replay_order, validate)
+                       forward_only, replay_order, validate)
 from .simulator import Costs, SimResult, Timed, simulate, to_chrome_trace
 
 SCHEDULES = {"1f1b": one_f_one_b, "dualpipe": dualpipe, "dualpipev": dualpipev}
@@ -23,5 +23,5 @@ def get_schedule(name: str, pp: int, n_microbatches: int) -> Schedule:
 
 
 __all__ = ["Action", "B", "Costs", "F", "FB", "Kind", "Message", "SCHEDULES", "Schedule",
-           "ScheduleError", "SimResult", "Timed", "W", "dualpipe", "dualpipev", "get_schedule",
+           "ScheduleError", "SimResult", "Timed", "W", "dualpipe", "dualpipev", "forward_only", "get_schedule",
            "one_f_one_b", "replay_order", "simulate", "to_chrome_trace", "validate"]

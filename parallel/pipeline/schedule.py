@@ -37,7 +37,7 @@ whose source and destination rank coincide is ``local``: hand the tensor over in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -367,6 +367,19 @@ def replay_order(schedule: Schedule) -> List[Tuple[int, int]]:
                      if idx[r] < len(s.actions[r])}
             raise ScheduleError(f"{s.name}: deadlock, ranks wait at {stuck}")
     return order
+
+
+def forward_only(schedule: Schedule) -> Schedule:
+    """The schedule's forward passes alone (evaluation): every rank keeps its F actions in their
+    training order (FB pairs give their F half), on the same placement and paths.
+
+    Each channel then carries the same activation messages in the same order, and the lists cannot
+    deadlock where the training lists do not: dropping actions only removes waits. ``replay_order``
+    checks it anyway. Not a training schedule (no B), so :func:`validate` would reject it."""
+    fwd = replace(schedule, name=f"{schedule.name}-forward-only", actions=tuple(
+        tuple(a for a in iter_parts(acts) if a.kind is Kind.F) for acts in schedule.actions))
+    replay_order(fwd)
+    return fwd
 
 
 def iter_parts(actions: Sequence[Action]) -> Iterator[Action]:
