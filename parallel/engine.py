@@ -11,9 +11,14 @@ Contract of `forward_backward(micro_batches)`:
     loss of each micro-batch is scaled by 1/len(micro_batches) — before any DP reduction;
   - returns StepLosses whose fields, SUMMED over all ranks of one data-parallel replica, are the
     replica's mean losses (a rank that computes no loss returns zeros).
+
+`evaluate(micro_batches)` returns the same StepLosses from forward passes only (validation):
+modules in eval mode (no balance loss, no expert-load statistics, so the training step's MoE
+bookkeeping is untouched), autograd off, no gradients touched.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +61,19 @@ class StageEngine:
     def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
         for m in self.modules:
             m.update_router_biases(loads)
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Modules in eval mode and autograd off for the block; training modes restored after."""
+        modes = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for m, mode in zip(self.modules, modes):
+                m.train(mode)
 
     def close(self) -> None:
         pass

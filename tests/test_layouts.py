@@ -1,5 +1,10 @@
 """Layout invariance (DESIGN invariant 1): the same seed, data and global batch give the same
-per-step losses for every layout, to fp32 round-off (rel. 1e-5 over 10 steps)."""
+per-step losses for every layout, to fp32 round-off (rel. 1e-5 over 10 steps).
+
+Every run also evaluates (steps 5 and 10, one held-out global batch) with a CPU EMA of the
+parameters, so the validation losses of the weights and of the EMA weights are compared too:
+evaluation runs through each layout's own forward path (forward-only pipeline schedule, expert
+all-to-all) and must not disturb training."""
 from __future__ import annotations
 
 import pytest
@@ -7,15 +12,24 @@ import pytest
 from tests.helpers import read_metrics, run_cli
 
 STEPS = 10
+EVAL = ["train.eval_every=5", "train.eval_batches=1", "train.ema_decay=0.8"]
+VAL_KEYS = ("val_loss", "val_lm_loss", "val_mtp_loss", "val_loss_ema")
 
 
 def _losses(tmp_path, name, nproc, args):
     run_dir = tmp_path / name
-    res = run_cli([f"run.dir={run_dir}", f"train.steps={STEPS}"] + args, nproc=nproc, timeout=300)
+    res = run_cli([f"run.dir={run_dir}", f"train.steps={STEPS}"] + EVAL + args, nproc=nproc, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_metrics(str(run_dir))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in rows if "val_loss" in r] == [5, 10]
     return rows
+
+
+def _assert_same(name, reference, rows, keys=("loss", "lm_loss", "mtp_loss", "grad_norm")):
+    for ref, got in zip(reference, rows):
+        for key in keys + (VAL_KEYS if "val_loss" in ref else ()):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key, ref[key], got[key])
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +48,8 @@ def reference(tmp_path_factory):
 )
 def test_losses_match_single_process(reference, tmp_path, name, nproc, args):
     rows = _losses(tmp_path, name, nproc, args)
+    _assert_same(name, reference, rows)
     for ref, got in zip(reference, rows):
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-            assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key, ref[key], got[key])
         assert got["expert_load_cv"] == pytest.approx(ref["expert_load_cv"], rel=1e-4, abs=1e-6)
 
 
@@ -77,9 +90,7 @@ def pipe_reference(tmp_path_factory):
 )
 def test_pipeline_losses_match_single_process(pipe_reference, tmp_path, name, nproc, args):
     rows = _losses(tmp_path, name, nproc, PIPE + args)
-    for ref, got in zip(pipe_reference, rows):
-        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm"):
-            assert got[key] == pytest.approx(ref[key], rel=1e-5), (name, ref["step"], key, ref[key], got[key])
+    _assert_same(name, pipe_reference, rows)
 
 
 def test_pipeline_checkpoint_reshards_to_expert_parallel(pipe_reference, tmp_path):
@@ -87,8 +98,8 @@ def test_pipeline_checkpoint_reshards_to_expert_parallel(pipe_reference, tmp_pat
     uninterrupted single-process run."""
     run_dir = tmp_path / "reshard"
     first = run_cli([f"run.dir={run_dir}", f"train.steps={STEPS}", "train.exit_after_steps=5", "parallel.pp=2",
-                     "parallel.ep=2", "parallel.schedule=dualpipe"] + PIPE, nproc=4, timeout=300)
+                     "parallel.ep=2", "parallel.schedule=dualpipe"] + EVAL + PIPE, nproc=4, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = _losses(tmp_path, "reshard", 4, PIPE + ["parallel.ep=4"])
-    for ref, got in zip(pipe_reference[5:], rows[5:]):
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), (ref["step"], ref["loss"], got["loss"])
+    # the EMA too is resharded: step 10's EMA validation loss matches the uninterrupted run
+    _assert_same("reshard", pipe_reference[5:], rows[5:], keys=("loss",))

@@ -53,6 +53,8 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path, capfd):
         (["parallel.ep=3"], "parallel.ep"),
         (["train.global_batch=7"], "train.global_batch"),
         (["data.path=/nonexistent/corpus"], "data.path"),
+        (["train.eval_every=-1"], "train.eval_every"),
+        (["train.eval_every=2", "data.val_fraction=0"], "data.val_fraction"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, key):

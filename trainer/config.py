@@ -48,8 +48,8 @@ class TrainConfig:
     recompute: str = "none"  # none | norm_and_up_proj | full
     ema_decay: float = 0.0  # > 0 keeps a CPU EMA of the parameters
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
-    eval_every: int = 0
-    eval_batches: int = 4
+    eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
+    eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
 
 
 @dataclass

@@ -472,10 +472,15 @@ class TokenDataset:
             return self.n_train, self.tokens.size
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
 
+    def windows(self, split: str = "train") -> int:
+        """Distinct sample windows of ``split`` (a DataError if the split is empty)."""
+        lo, hi = self._range(split)
+        return hi - lo - self.seq_len
+
     def starts(self, indices, split: str = "train") -> np.ndarray:
         """Window start offsets (int64) of the given global sample indices."""
-        lo, hi = self._range(split)
-        n_windows = hi - lo - self.seq_len  # starts lo .. hi-(seq_len+1) inclusive
+        lo = self._range(split)[0]
+        n_windows = self.windows(split)  # starts lo .. hi-(seq_len+1) inclusive
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and idx.min() < 0:
             raise ValueError("sample indices must be >= 0")

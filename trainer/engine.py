@@ -28,6 +28,14 @@ class LocalEngine(StageEngine):
             losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses
 
+    def evaluate(self, micro_batches: list[torch.Tensor]) -> StepLosses:
+        losses = StepLosses()
+        with self.eval_mode():
+            for tokens in micro_batches:
+                out = self.model(tokens[:, :-1], tokens[:, 1:])
+                losses.add(out.lm_loss, out.mtp_loss, 1.0 / len(micro_batches))
+        return losses
+
     def named_parameters(self):
         return list(self.model.named_parameters())
 

@@ -28,6 +28,7 @@ class MetricsSink:
             self._wandb = wandb.init(project=cfg.project, name=cfg.name, mode=cfg.wandb, dir=run_dir,
                                      config=config_dict, resume="allow")
         self._bar = None
+        self._val = None  # the last validation loss, kept on the progress bar between evaluations
         if cfg.progress:
             from tqdm import tqdm
 
@@ -49,7 +50,10 @@ class MetricsSink:
             self._wandb.log({**record, **(extra or {})}, step=step)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if "val_loss" in record:
+                self._val = f"{record['val_loss']:.3f}"
+            shown = {"val": self._val} if self._val else {}
+            self._bar.set_postfix(loss=f"{record['loss']:.3f}", **shown, tok_s=f"{record['tokens_per_s']:.0f}")
 
     def close(self) -> None:
         self._file.close()

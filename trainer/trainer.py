@@ -51,6 +51,10 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every: must be >= 0 (0 = no evaluation), got {t.eval_every}")
+    if t.eval_every and t.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got {t.eval_batches}")
     if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
         raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
     if t.recompute not in RECOMPUTE_MODES:
@@ -94,6 +98,8 @@ class Trainer:
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
+        if cfg.train.eval_every:
+            self.data.windows("val")  # DataError now if there is no held-out split
         if self.data.vocab_size > self.model_cfg.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
@@ -217,12 +223,35 @@ class Trainer:
         ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
 
     # ------------------------------------------------------------------ the loop
-    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+    def _micro_batches(self, step: int, split: str = "train") -> list[torch.Tensor]:
         t, dp_rank = self.cfg.train, (self.topo.dp_rank if self.topo is not None else 0)
         per_rank = t.global_batch // self.layout.dp
         first = step * t.global_batch + dp_rank * per_rank
-        tokens = torch.from_numpy(self.data.batch(range(first, first + per_rank))).to(self.device)
+        tokens = torch.from_numpy(self.data.batch(range(first, first + per_rank), split)).to(self.device)
         return list(tokens.split(t.micro_batch))
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation losses of the current weights and, with train.ema_decay > 0, of the EMA
+        weights (swapped in, then restored bit-exactly): means over train.eval_batches global
+        batches of the held-out split, the same samples at every evaluation so that successive
+        values compare. val_loss = val_lm_loss + λ·val_mtp_loss (no balance loss)."""
+        out = self._eval_losses("")
+        if self.ema is not None:
+            with self.ema.swapped_into(dict(self.engine.named_parameters())):
+                out.update(self._eval_losses("_ema"))
+        self._local_a2a_bytes()  # evaluation's all-to-all traffic is not the next step's
+        return out
+
+    def _eval_losses(self, suffix: str) -> dict[str, float]:
+        t = self.cfg.train
+        lm = mtp = 0.0
+        for k in range(t.eval_batches):
+            with self.autocast():
+                losses = self.engine.evaluate(self._micro_batches(k, split="val"))
+            lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
+        lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
+        return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
+                f"val_lm_loss{suffix}": lm, f"val_mtp_loss{suffix}": mtp}
 
     def _reduce_gradients(self) -> None:
         if self.topo is not None:
@@ -320,8 +349,13 @@ class Trainer:
                 a2a = {"a2a_bytes_intra_node": int(intra), "a2a_bytes_inter_node": int(inter)}
                 dt = time.perf_counter() - t0
                 step_no = step + 1
+                val = {}
+                if t.eval_every and (step_no % t.eval_every == 0 or step_no == t.steps):
+                    with self._collective("evaluation (forward-only pipeline p2p, expert all-to-all)", step):
+                        val = self.evaluate()
                 if sink is not None:
-                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads), **a2a},
+                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
+                                       **a2a, **val},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
                 saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
                 if saved:

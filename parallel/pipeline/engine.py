@@ -75,7 +75,7 @@ from model import DeepSeekV3
 from parallel.engine import StageEngine, StepLosses
 
 from .p2p import P2P
-from .schedule import Action, Kind, Schedule, ScheduleError
+from .schedule import Action, Kind, Schedule, ScheduleError, forward_only
 from .timeline import Timeline
 
 
@@ -310,6 +310,8 @@ class PipelineEngine(StageEngine):
         self._shared_names, self._pair_same_stages = self._pair_info()
         self._wrapped_dispatchers = False
         self.last_step_s = 0.0
+        self._io = self.p2p  # the P2P of the running pass (training or evaluate's)
+        self._eval_p2p: Optional[P2P] = None
 
     def _check_ep_groups(self) -> None:
         """Threaded FB pairs run all-to-alls of two chunks at once: they need distinct groups."""
@@ -390,7 +392,7 @@ class PipelineEngine(StageEngine):
         return global_expert_load(self.modules, self.topo, stage_pair=self._pair_same_stages)
 
     # ------------------------------------------------------------------ the step
-    def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
+    def _check_micro_batches(self, micro_batches: Sequence[torch.Tensor]) -> tuple[int, ...]:
         n = self.schedule.n_microbatches
         if len(micro_batches) != n:
             raise ScheduleError(f"{self.schedule.name} was built for {n} micro-batches, got {len(micro_batches)} "
@@ -398,24 +400,22 @@ class PipelineEngine(StageEngine):
         shape = tuple(micro_batches[0].shape)
         if any(tuple(mb.shape) != shape for mb in micro_batches):
             raise ScheduleError("pipeline micro-batches must all have the same shape (static p2p shapes)")
-        tl = self.timeline
-        if tl.enabled:
-            dist.barrier(group=self.topo.pp_group)
-            tl.reset()
-            self._wrap_dispatchers()
-        t_start = time.perf_counter()
+        return shape
+
+    def _execute(self, actions: Sequence[Action], p2p: P2P, micro_batches: Sequence[torch.Tensor],
+                 shape: tuple[int, ...]) -> None:
+        """Run ``actions`` in order over ``p2p``; the losses land in ``self.losses``."""
         self.tokens = list(micro_batches)
-        self.n_micro = n
-        for m in self.modules:
-            m.set_aux_loss_scale(1.0 / n)
-        self.p2p.begin_step((shape[0], shape[1] - 1, self.modules[0].cfg.dim), self.dtype)
+        self.n_micro = len(micro_batches)
+        self._io = p2p
+        p2p.begin_step((shape[0], shape[1] - 1, self.modules[0].cfg.dim), self.dtype)
         self.losses = StepLosses()
         self.slots: dict[tuple[int, int], _Slot] = {}
         self.pending_w: dict[tuple[int, int], _Slot] = {}
-        for i, act in enumerate(self.actions):
+        for i, act in enumerate(actions):
             # post this action's receives and prefetch the next one's, then wait for ours
-            ahead = self.schedule.recvs(self.pp_rank, self.actions[i + 1]) if i + 1 < len(self.actions) else []
-            self.p2p.post_recvs(self.schedule.recvs(self.pp_rank, act) + ahead)
+            ahead = self.schedule.recvs(self.pp_rank, actions[i + 1]) if i + 1 < len(actions) else []
+            p2p.post_recvs(self.schedule.recvs(self.pp_rank, act) + ahead)
             if act.kind is Kind.FB:
                 self._fb(act)
             else:
@@ -423,10 +423,35 @@ class PipelineEngine(StageEngine):
         if self.slots or self.pending_w:
             raise RuntimeError(f"pipeline rank {self.pp_rank}: unfinished (micro-batch, chunk) "
                                f"{sorted(self.slots) + sorted(self.pending_w)}")
-        self.p2p.finish()
+        p2p.finish()
         self.tokens = []
+
+    def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
+        shape = self._check_micro_batches(micro_batches)
+        tl = self.timeline
+        if tl.enabled:
+            dist.barrier(group=self.topo.pp_group)
+            tl.reset()
+            self._wrap_dispatchers()
+        t_start = time.perf_counter()
+        for m in self.modules:
+            m.set_aux_loss_scale(1.0 / len(micro_batches))
+        self._execute(self.actions, self.p2p, micro_batches, shape)
         self._reduce_pair_grads()
         self.last_step_s = time.perf_counter() - t_start
+        return self.losses
+
+    def evaluate(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
+        """Losses of a forward-only pass (parallel/engine.py's contract): the schedule's forward
+        actions in their training order (``schedule.forward_only``) over a P2P of their own, with
+        the stage modules in eval mode and autograd off."""
+        shape = self._check_micro_batches(micro_batches)
+        if self._eval_p2p is None:
+            fwd = forward_only(self.schedule)
+            self._eval_actions = fwd.actions[self.pp_rank]
+            self._eval_p2p = P2P(fwd, self.pp_rank, self.p2p.ranks, self.topo.pp_group, self.device)
+        with self.eval_mode():
+            self._execute(self._eval_actions, self._eval_p2p, micro_batches, shape)
         return self.losses
 
     def _run(self, a: Action, tid: int = 0) -> None:
@@ -463,12 +488,12 @@ class PipelineEngine(StageEngine):
         t0 = time.perf_counter()
         h0 = None
         if stage != 0:
-            x = self.p2p.recv(recvs[0]).requires_grad_()
+            x = self._io.recv(recvs[0]).requires_grad_(torch.is_grad_enabled())
         t1, c1 = time.perf_counter(), time.thread_time()
         with self._autocast():
             if stage == 0:
                 h0 = mod.embed_tokens(ids)
-                x = h0.detach().requires_grad_()
+                x = h0.detach().requires_grad_(torch.is_grad_enabled())
             h = mod.forward_layers(x)
             if last:
                 o = mod.head_loss(h, ids, tokens[:, 1:])
@@ -478,9 +503,10 @@ class PipelineEngine(StageEngine):
                 out = h
         self.timeline.add(f"F{mb}", "F", t1, time.perf_counter(), tid=tid, microbatch=mb, chunk=c, stage=stage,
                           wait_s=t1 - t0, cpu_s=time.thread_time() - c1)
-        self.slots[(mb, c)] = _Slot(x=x, out=out, h0=h0)
+        if torch.is_grad_enabled():  # kept for this micro-batch's B (not in evaluate)
+            self.slots[(mb, c)] = _Slot(x=x, out=out, h0=h0)
         if not last:
-            self.p2p.send([(m, h) for m in self.schedule.sends(self.pp_rank, a)])
+            self._io.send([(m, h) for m in self.schedule.sends(self.pp_rank, a)])
 
     def _backward(self, a: Action, tid: int) -> None:
         mb, c = a.microbatch, a.chunk
@@ -489,7 +515,7 @@ class PipelineEngine(StageEngine):
         stage = self.stages[c]
         recvs = self.schedule.recvs(self.pp_rank, a)
         t0 = time.perf_counter()
-        grad = self.p2p.recv(recvs[0]) if recvs else None
+        grad = self._io.recv(recvs[0]) if recvs else None
         if grad is not None and grad.dtype != slot.out.dtype:
             grad = grad.to(slot.out.dtype)  # p2p buffers carry the parameter dtype
         t1, c1 = time.perf_counter(), time.thread_time()
@@ -509,7 +535,7 @@ class PipelineEngine(StageEngine):
                           chunk=c, stage=stage, full=a.full, wait_s=t1 - t0, cpu_s=time.thread_time() - c1)
         sends = self.schedule.sends(self.pp_rank, a)
         if sends:
-            self.p2p.send([(m, dx) for m in sends])
+            self._io.send([(m, dx) for m in sends])
 
     def _weight(self, a: Action, tid: int) -> None:
         mb, c = a.microbatch, a.chunk
