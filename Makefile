@@ -16,10 +16,12 @@ PIP_FILTER := grep -v -E "^WARNING: Location '.*' is ignored" || true
 
 # The default job: the toy model on the embedded corpus, composed parallelism on 4 gloo
 # processes: 2 pipeline stages (DualPipe) x 2 data-parallel replicas, experts split over the
-# replicas (expert parallel 2), ZeRO-1; progress bar on rank 0, metrics in runs/demo.
+# replicas (expert parallel 2), ZeRO-1; progress bar on rank 0, metrics in runs/demo; held-out
+# loss of the weights and of their CPU EMA every 50 steps.
 # Hydra overrides go in TRAIN_ARGS, e.g. make train TRAIN_ARGS="train.steps=20".
 NPROC      ?= 4
-TRAIN_CMD  ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m launch.train parallel=demo run.dir=runs/demo
+TRAIN_CMD  ?= $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m launch.train parallel=demo run.dir=runs/demo \
+             train.eval_every=50 train.ema_decay=0.99
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 

@@ -51,6 +51,10 @@ pipeline benchmark Bi + W - B(full) is 3-15 ms per micro-batch. Memory: the grap
 captured grads (one per Linear output) stay alive from B until W, like the reference
 WeightGradStore. Works with activation recompute (train.recompute) and simulated FP8 (tested).
 
+Evaluation (``evaluate``): the same ranks run ``schedule.forward_only`` — their F actions in
+training order, on a P2P of its own — with autograd off and the modules in eval mode; nothing
+is kept for a backward and no gradient is touched.
+
 After the last action: every parameter that this rank and its stage-pair partner both hold
 (DualPipe: both stages; 1F1B: only the tied embedding of ranks 0 and pp-1) gets its gradient
 SUMMED over ``topo.stage_pair_group``. The data-parallel reduction is left to the trainer
