@@ -50,6 +50,16 @@ class TrainConfig:
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
     eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
     eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
+    # Token-based schedules (trainer/schedules.py; configs/train/deepseek_v3.yaml has the report's).
+    tokens: float = 0.0  # > 0 with steps = 0: train until this many tokens are consumed
+    lr_decay_start_tokens: float = 0.0  # with lr_decay_end_tokens > 0: lr constant until here, ...
+    lr_decay_end_tokens: float = 0.0  # ... cosine to min_lr here (0 = the step-based decay_start) ...
+    lr_tail: list = field(default_factory=list)  # ... then [[from_tokens, lr], ...] constant stages
+    batch_ramp_start: int = 0  # > 0: global batch ramps from this up to global_batch ...
+    batch_ramp_increment: int = 0  # ... in steps of this (0 = dp × micro_batch, ×2 for dualpipe) ...
+    batch_ramp_tokens: float = 0.0  # ... evenly over the first this many tokens
+    bias_update_gamma: list = field(default_factory=list)  # [[from_tokens, γ], ...]; none = model's
+    mtp_lambda: list = field(default_factory=list)  # [[from_tokens, λ], ...]; none = model.mtp_lambda
 
 
 @dataclass
@@ -82,6 +92,8 @@ class DebugConfig:
     fail_once: bool = True  # ... on the first attempt only
     fail_mode: str = "exit"  # exit (os._exit) | hang (sleep: the other ranks' collectives time out)
     record_timeline: bool = False
+    dry_run: bool = False  # build ranks of the job in one process (fake process groups, meta device), print bytes, exit
+    dry_run_ranks: list = field(default_factory=list)  # extra ranks to visit (default: one per pipeline position)
 
 
 @dataclass

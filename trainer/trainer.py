@@ -25,7 +25,7 @@ from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.engine import LocalEngine
-from trainer.lr import lr_at
+from trainer.schedules import Schedules
 from trainer.precision import apply_precision, check_precision
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
@@ -35,13 +35,13 @@ class CollectiveError(RuntimeError):
 
 
 def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]:
-    """All static checks; returns the layout and micro-batches per rank per step. Raises named
-    errors, and runs before any process group exists."""
+    """All static checks; returns the layout and micro-batches per rank per step (of the final
+    global batch). Raises named errors, and runs before any process group exists."""
     p = cfg.parallel
     layout = validate_for_model(world_size, p.pp, p.dp, p.ep, p.gpus_per_node, model_cfg)
     t = cfg.train
-    if t.steps < 1:
-        raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
+    if t.steps < 1 and not (t.steps == 0 and t.tokens > 0):
+        raise ConfigError(f"train.steps: must be >= 1 (or 0 with train.tokens > 0), got {t.steps}")
     if t.micro_batch < 1 or t.global_batch % (layout.dp * t.micro_batch):
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be a multiple of parallel.dp × train.micro_batch "
@@ -65,7 +65,21 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
         raise ConfigError(
             f"train.microbatches={t.microbatches} disagrees with train.global_batch / (parallel.dp × "
             f"train.micro_batch) = {n_micro}; set one of them")
+    schedules(cfg, layout, model_cfg)  # named errors for the token schedules and every batch of a ramp
     return layout, n_micro
+
+
+def schedules(cfg, layout: Layout, model_cfg: ModelConfig) -> tuple[Schedules, int]:
+    """(the run's schedules, its number of optimizer steps): train.steps, or with train.steps = 0
+    the steps until train.tokens are consumed (batch ramp included)."""
+    t = cfg.train
+    unit = layout.dp * t.micro_batch * (2 if layout.pp > 1 and cfg.parallel.schedule != "1f1b" else 1)
+    sched = Schedules.from_config(t, max(t.steps, 1), model_cfg, unit)
+    if t.steps == 0:
+        steps = sched.batch.steps_for_tokens(t.tokens, t.seq_len)
+        sched = Schedules.from_config(t, steps, model_cfg, unit)
+        return sched, steps
+    return sched, t.steps
 
 
 def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
@@ -79,12 +93,15 @@ def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
 
 
 def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
-    """(schedule, layer split) for pp > 1, else (None, None). Pure: runs before any collective."""
+    """(schedule, layer split) for pp > 1, else (None, None); the schedule of every other global
+    batch of a ramp is built (and checked) too. Pure: runs before any collective."""
     if layout.pp == 1:
         return None, None
     from parallel.pipeline.stages import plan_pipeline
 
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
+    for batch in schedules(cfg, layout, model_cfg)[0].batch.sizes():
+        plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch), layers)
     return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
 
 
@@ -96,6 +113,8 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.layout, self.n_micro = validate(cfg, self.model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
+        self.schedules, self.steps = schedules(cfg, self.layout, self.model_cfg)
+        self._pipeline_schedules = {self.n_micro: self.schedule}
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if cfg.train.eval_every:
@@ -188,6 +207,7 @@ class Trainer:
         return os.path.join(self.cfg.run.dir, "checkpoints")
 
     def _resume(self) -> int:
+        self.samples = 0  # global samples consumed before the next step
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return 0
@@ -200,10 +220,11 @@ class Trainer:
                     m.init_weights(self.cfg.train.seed)
                 self.optimizer.reset_state()
             return 0
-        if meta.get("global_batch") != self.cfg.train.global_batch:
-            raise ConfigError(
-                f"train.global_batch={self.cfg.train.global_batch} differs from the checkpoint's "
-                f"{meta.get('global_batch')}: the data position would not line up")
+        # the data position is the samples consumed (older checkpoints: steps × their batch)
+        self.samples = int(meta.get("samples_seen", int(meta["step"]) * int(meta.get("global_batch", 0))))
+        if meta.get("global_batch") != self.cfg.train.global_batch and self.is_main:
+            print(f"resume: train.global_batch={self.cfg.train.global_batch} (checkpoint: {meta.get('global_batch')}); "
+                  f"the sample stream continues at sample {self.samples}", flush=True)
         if self.ema is not None:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
         if self.is_main:
@@ -215,7 +236,7 @@ class Trainer:
             self.ema.wait()
         meta = {
             "global_batch": self.cfg.train.global_batch,
-            "samples_seen": step * self.cfg.train.global_batch,
+            "samples_seen": self.samples,
             "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
                        "schedule": self.cfg.parallel.schedule},
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
@@ -223,18 +244,36 @@ class Trainer:
         ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
 
     # ------------------------------------------------------------------ the loop
-    def _micro_batches(self, step: int, split: str = "train") -> list[torch.Tensor]:
+    def _micro_batches(self, first: int, global_batch: int, split: str = "train") -> list[torch.Tensor]:
+        """This rank's micro-batches of the global samples first … first + global_batch - 1."""
         t, dp_rank = self.cfg.train, (self.topo.dp_rank if self.topo is not None else 0)
-        per_rank = t.global_batch // self.layout.dp
-        first = step * t.global_batch + dp_rank * per_rank
+        per_rank = global_batch // self.layout.dp
+        first += dp_rank * per_rank
         tokens = torch.from_numpy(self.data.batch(range(first, first + per_rank), split)).to(self.device)
         return list(tokens.split(t.micro_batch))
+
+    def _use_batch(self, global_batch: int) -> None:
+        """Point the pipeline engine at the schedule of this global batch's micro-batch count."""
+        if self.schedule is None:
+            return
+        n = global_batch // (self.layout.dp * self.cfg.train.micro_batch)
+        if n not in self._pipeline_schedules:
+            from parallel.pipeline import get_schedule
+
+            self._pipeline_schedules[n] = get_schedule(self.cfg.parallel.schedule, self.layout.pp, n)
+        self.engine.set_schedule(self._pipeline_schedules[n])
+
+    def _apply_schedules(self, values: dict) -> None:
+        """This step's λ and γ into the model configs (read at the loss and at the bias update)."""
+        for c in {id(c): c for c in [self.model_cfg] + [m.cfg for m in self.modules]}.values():
+            c.mtp_lambda, c.bias_update_gamma = values["mtp_lambda"], values["bias_update_gamma"]
 
     def evaluate(self) -> dict[str, float]:
         """Validation losses of the current weights and, with train.ema_decay > 0, of the EMA
         weights (swapped in, then restored bit-exactly): means over train.eval_batches global
         batches of the held-out split, the same samples at every evaluation so that successive
         values compare. val_loss = val_lm_loss + λ·val_mtp_loss (no balance loss)."""
+        self._use_batch(self.cfg.train.global_batch)
         out = self._eval_losses("")
         if self.ema is not None:
             with self.ema.swapped_into(dict(self.engine.named_parameters())):
@@ -247,7 +286,7 @@ class Trainer:
         lm = mtp = 0.0
         for k in range(t.eval_batches):
             with self.autocast():
-                losses = self.engine.evaluate(self._micro_batches(k, split="val"))
+                losses = self.engine.evaluate(self._micro_batches(k * t.global_batch, t.global_batch, split="val"))
             lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
         lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
         return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
@@ -312,17 +351,20 @@ class Trainer:
         if self.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-            sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), t.steps, start)
-        tokens_per_step = t.global_batch * t.seq_len
+            sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), self.steps, start)
         try:
-            for step in range(start, t.steps):
+            for step in range(start, self.steps):
                 self._maybe_fail(step + 1)
                 t0 = time.perf_counter()
-                lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
+                now = self.schedules.at(step, self.samples)
+                lr, batch = now["lr"], now["global_batch"]
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self._apply_schedules(now)
+                self._use_batch(batch)
                 with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step), self.autocast():
-                    losses = self.engine.forward_backward(self._micro_batches(step))
+                    losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
+                self.samples += batch
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
                     self._reduce_gradients()
                 with self._collective("grad-norm all-reduce", step):
@@ -350,22 +392,22 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 step_no = step + 1
                 val = {}
-                if t.eval_every and (step_no % t.eval_every == 0 or step_no == t.steps):
+                if t.eval_every and (step_no % t.eval_every == 0 or step_no == self.steps):
                     with self._collective("evaluation (forward-only pipeline p2p, expert all-to-all)", step):
                         val = self.evaluate()
                 if sink is not None:
-                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
-                                       **a2a, **val},
+                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, loads),
+                                       "global_batch": batch, "samples": self.samples, **a2a, **val},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
                 saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
                 if saved:
                     self._save(step_no)
-                if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < t.steps:
+                if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < self.steps:
                     if not saved:
                         self._save(step_no)
                     return
-            if cfg.checkpoint.final and not (cfg.checkpoint.every and t.steps % cfg.checkpoint.every == 0):
-                self._save(t.steps)
+            if cfg.checkpoint.final and not (cfg.checkpoint.every and self.steps % cfg.checkpoint.every == 0):
+                self._save(self.steps)
         finally:
             if sink is not None:
                 sink.close()
