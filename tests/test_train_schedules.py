@@ -131,23 +131,47 @@ def test_gamma_switch_stops_bias_updates(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after, before)), "γ = 0 must leave the router biases alone"
 
 
-def test_resume_mid_ramp_bit_identical_and_under_another_dp(tmp_path):
-    straight = train_in_process([f"run.dir={tmp_path / 'a'}"] + TOY)
-    first = train_in_process([f"run.dir={tmp_path / 'b'}", "train.exit_after_steps=7", "checkpoint.every=0"] + TOY)
-    assert len(first) == 7 and first[-1]["global_batch"] == 4  # stopped mid-ramp
-    resumed = train_in_process([f"run.dir={tmp_path / 'b'}"] + TOY)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    return train_in_process([f"run.dir={tmp_path_factory.mktemp('straight')}"] + TOY)
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """A copy-able run stopped after 7 steps, mid-ramp (batch 4)."""
+    run = tmp_path_factory.mktemp("stopped")
+    first = train_in_process([f"run.dir={run}", "train.exit_after_steps=7"] + TOY)
+    assert len(first) == 7 and first[-1]["global_batch"] == 4
+    return run
+
+
+def _resume_copy(stopped, dest):
+    import shutil
+
+    shutil.copytree(stopped, dest)
+    return dest
+
+
+def test_resume_mid_ramp_is_bit_identical(straight, stopped, tmp_path):
+    run = _resume_copy(stopped, tmp_path / "run")
+    resumed = train_in_process([f"run.dir={run}"] + TOY)
+    assert [r["step"] for r in resumed] == list(range(1, 25))
     for a, b in zip(straight, resumed):
         assert (a["loss"], a["grad_norm"], a["lr"], a["global_batch"]) == (b["loss"], b["grad_norm"], b["lr"], b["global_batch"])
-    # resume the same checkpoint under DP 2 (experts over EP 2): same trajectory to fp32 round-off
-    other = tmp_path / "c"
-    train_in_process([f"run.dir={other}", "train.exit_after_steps=7"] + TOY)
-    res = run_cli([f"run.dir={other}", "parallel.ep=2", "model=tiny", "data=tiny", "parallel.expert_nodes=1"] + TOY,
-                  nproc=2, timeout=600)
+
+
+@pytest.mark.parametrize("layout", [
+    ["parallel.ep=2", "parallel.expert_nodes=1"],  # DP 2, experts over EP 2
+    ["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batch=1"],  # a DualPipe per micro-batch count
+], ids=["dp2_ep2", "pp2_dualpipe"])
+def test_resume_mid_ramp_under_another_layout(straight, stopped, tmp_path, layout):
+    run = _resume_copy(stopped, tmp_path / "run")
+    res = run_cli([f"run.dir={run}", "model=tiny", "data=tiny"] + TOY + layout, nproc=2, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = read_metrics(str(other))
+    rows = read_metrics(str(run))
     assert [r["step"] for r in rows] == list(range(1, 25))
     for a, b in zip(straight[7:], rows[7:]):
-        assert b["global_batch"] == a["global_batch"] and b["samples"] == a["samples"]
+        assert (b["global_batch"], b["samples"], b["lr"]) == (a["global_batch"], a["samples"], a["lr"])
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
 
 
