@@ -37,6 +37,11 @@ def main(cfg: DictConfig):
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     try:
+        if cfg.debug.dry_run:  # one process builds ranks of the whole job on fake process groups
+            from trainer.dry_run import dry_run
+
+            dry_run(cfg)
+            return
         Trainer(cfg).train()
     except user_error_types() as err:
         exit_with(err)

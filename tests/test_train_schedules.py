@@ -54,7 +54,7 @@ def test_paper_gamma_and_lambda_at_every_boundary():
 
 
 def test_paper_batch_ramp():
-    s = _paper()
+    s = _paper(batch_ramp_start=3072)  # the report's figure (the preset starts at 4096: see below)
     b = s.batch
     assert b.batch_at(0) == 3072 and b.increment == 256  # (15360 - 3072) / 256 = 48 increments
     ramp = 469e9 / SEQ
@@ -64,6 +64,17 @@ def test_paper_batch_ramp():
     # the ramp's steps, then 15360 per step, reach 14.8T tokens
     steps = b.steps_for_tokens(14.8 * T, SEQ)
     assert b.samples_before(steps) * SEQ >= 14.8 * T > b.samples_before(steps - 1) * SEQ
+
+
+def test_report_ramp_start_does_not_fit_dualpipe_at_dp128(tmp_path):
+    """3072 sequences over DP 128 are 24 micro-batches per rank, fewer than DualPipe's 2·pp = 32:
+    the preset starts at 4096, and the report's figure gets a named error on this layout."""
+    assert _paper().batch.batch_at(0) == 4096
+    res = run_cli(["model=deepseek_v3_671b", "parallel=deepseek_v3_2048", "train=deepseek_v3", "precision=fp8",
+                   "debug.dry_run=true", "train.batch_ramp_start=3072", f"run.dir={tmp_path}"], timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train.batch_ramp_start:") and "3072" in last and "32" in last, last
 
 
 def test_ramp_arithmetic_and_errors():

@@ -100,8 +100,11 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     from parallel.pipeline.stages import plan_pipeline
 
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
-    for batch in schedules(cfg, layout, model_cfg)[0].batch.sizes():
-        plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch), layers)
+    for batch in schedules(cfg, layout, model_cfg)[0].batch.sizes()[:-1]:
+        try:
+            plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch), layers)
+        except ValueError as err:
+            raise ConfigError(f"train.batch_ramp_start: the ramp's global batch {batch} does not fit the pipeline: {err}") from None
     return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
 
 

@@ -1,0 +1,149 @@
+"""debug.dry_run: build, in one CPU process, what ranks of a (possibly 2048-GPU) job build — and stop.
+
+For each visited rank the real build path runs against torch's fake process-group backend (as
+torchtitan's fake-backend mode and Megatron's fake process group do: every collective returns at
+once, nothing is sent): the same validation as a real run (so a layout or config error is the
+same named error line), the Topology and every process group, the rank's stage modules on the
+meta device (shapes and dtypes, no storage: a 671B model costs no memory), its expert shards, the
+ZeRO-1 optimizer partition (states materialised on the meta device) and the pipeline schedule of
+every micro-batch count the run uses, replay-checked for deadlock. It then prints the rank's
+weight, gradient, optimizer-state and activation bytes, counted from the built objects.
+
+Visited: one rank per distinct pipeline position (dp index 0 of each pp index) plus
+``debug.dry_run_ranks``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
+
+WORLD_ENV = "DSV3_DRY_RUN_WORLD"
+
+
+@dataclass
+class RankBytes:
+    """What one rank holds, counted from its built objects."""
+    rank: int
+    pp_rank: int
+    dp_rank: int
+    ep_rank: int
+    stages: list
+    param_count: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    activation_bytes: int
+
+
+def ranks_to_visit(cfg, layout) -> list[int]:
+    extra = [int(r) for r in (cfg.debug.dry_run_ranks or [])]
+    for r in extra:
+        if not 0 <= r < layout.world_size:
+            raise ConfigError(f"debug.dry_run_ranks: rank {r} outside the world of {layout.world_size} ranks")
+    return sorted(set(layout.rank_of(p, 0) for p in range(layout.pp)) | set(extra))
+
+
+def world_size(cfg) -> int:
+    """The job's world: parallel.pp × parallel.dp (the dry run has no torchrun to say it)."""
+    p = cfg.parallel
+    if not p.dp:
+        raise ConfigError("parallel.dp: a dry run needs the data-parallel size (it has no WORLD_SIZE)")
+    return int(p.pp) * int(p.dp)
+
+
+def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
+    """(modules, named parameters, optimizer) of global `rank`, built as the trainer builds them,
+    on the meta device, under a fake process group of the job's world size."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from parallel.topology import Topology
+    from parallel.zero import build_optimizer
+    from trainer.precision import apply_precision
+    from trainer.trainer import expert_nodes
+
+    p = cfg.parallel
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+    try:
+        topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
+        meta = torch.device("meta")
+        if schedule is None:
+            with meta:
+                modules = [DeepSeekV3(model_cfg)]
+            if layout.ep > 1:
+                from parallel.dispatch import apply_expert_parallel
+
+                apply_expert_parallel(modules[0], topo)
+        else:
+            from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
+
+            modules = build_stage_modules(model_cfg, schedule, topo.pp_rank, split=split, device=meta)
+            shard_stage_experts(modules, topo)
+        for m in modules:
+            m.set_expert_nodes(expert_nodes(cfg, model_cfg, layout))
+            apply_precision(m, cfg.precision, "cpu")
+            set_recompute(m, cfg.train.recompute)
+        named: dict = {}
+        for m in modules:  # as the engines list them: every parameter once (one shared embedding)
+            named.update(dict(m.named_parameters()))
+        named = sorted(named.items()) if schedule is not None else list(modules[0].named_parameters())
+        optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero)
+        optimizer.owned()  # materialise this rank's AdamW states (on the meta device: no memory)
+        return topo, modules, named, optimizer
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) -> RankBytes:
+    from parallel.grads import count_bytes
+    from parallel.planner import part_activation_bytes
+
+    topo, modules, named, optimizer = build_rank(cfg, model_cfg, layout, schedule, split, rank)
+    params = [p for _, p in named]
+    stages = [getattr(m, "pipeline_stage", 0) for m in modules]
+    return RankBytes(
+        rank=rank, pp_rank=topo.pp_rank, dp_rank=topo.dp_rank, ep_rank=topo.ep_rank, stages=stages,
+        param_count=sum(p.numel() for p in params),
+        param_bytes=count_bytes(params),
+        grad_bytes=count_bytes(params),  # .grad has the parameter's dtype and shape
+        optimizer_state_bytes=optimizer.state_bytes(),
+        activation_bytes=0,
+    )
+
+
+def dry_run(cfg) -> list[RankBytes]:
+    """Validate as a real run, build every visited rank, print a table (or JSON lines), return it."""
+    from parallel.pipeline import validate as validate_schedule
+    from trainer.trainer import plan_stages, schedules, validate
+
+    t0 = time.perf_counter()
+    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    layout, n_micro = validate(cfg, model_cfg, world_size(cfg))
+    schedule, split = plan_stages(cfg, model_cfg, layout, n_micro)
+    sched, steps = schedules(cfg, layout, model_cfg)
+    sizes = sched.batch.sizes()
+    if schedule is not None:  # every micro-batch count of the run, replayed for deadlock
+        from parallel.pipeline import get_schedule
+
+        for b in sizes:
+            validate_schedule(get_schedule(cfg.parallel.schedule, layout.pp, b // (layout.dp * cfg.train.micro_batch)),
+                              check_deadlock=True)
+    print(f"dry run: world {layout.world_size} = pp {layout.pp} × dp {layout.dp} (ep {layout.ep}, expert-DP "
+          f"{layout.edp}), schedule {cfg.parallel.schedule if schedule is not None else 'none'}, "
+          f"{len(sizes)} global batch size(s) {sizes[0]}..{sizes[-1]} → {sizes[0] // (layout.dp * cfg.train.micro_batch)}.."
+          f"{n_micro} micro-batches per rank, all replay-checked; {steps} steps; layers per stage "
+          f"{[len(s) for s in split] if split else [model_cfg.n_layers]}", flush=True)
+    out = []
+    for rank in ranks_to_visit(cfg, layout):
+        rb = rank_bytes(cfg, model_cfg, layout, schedule, split, rank)
+        out.append(rb)
+        print("dry run rank " + json.dumps(asdict(rb)), flush=True)
+    print(f"dry run: {len(out)} rank(s) built in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
