@@ -109,13 +109,19 @@ class BatchRamp:
 
     def steps_for_tokens(self, tokens: float, seq_len: int) -> int:
         """Steps until at least ``tokens`` tokens are consumed."""
-        target, samples, steps = tokens / seq_len, 0, 0
+        return sum(self.steps_per_batch(tokens, seq_len).values())
+
+    def steps_per_batch(self, tokens: float, seq_len: int) -> dict[int, int]:
+        """{global batch: steps run at it} until at least ``tokens`` tokens are consumed."""
+        target, samples, out = tokens / seq_len, 0, {}
         while samples < target:
             b = self.batch_at(samples)
             if b == self.final:
-                return steps + math.ceil((target - samples) / self.final)
-            samples, steps = samples + b, steps + 1
-        return steps
+                out[b] = out.get(b, 0) + math.ceil((target - samples) / self.final)
+                break
+            out[b] = out.get(b, 0) + 1
+            samples += b
+        return out
 
 
 @dataclass(frozen=True)
