@@ -875,6 +875,35 @@ def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[
     return peak, at
 
 
+def stage_activation_bytes(cfg, stages: Sequence[Sequence[Part]], precision: str, recompute: str,
+                           tokens_mb: int) -> Tuple[List[float], List[float]]:
+    """Per stage: (activation bytes one micro-batch of `tokens_mb` tokens leaves saved for backward,
+    the largest one-layer transient of the backward's recompute)."""
+    kept, transient = [], []
+    for parts in stages:
+        k = t = 0.0
+        for p in parts:
+            k_, t_ = part_activation_bytes(cfg, p.kind, precision, recompute)
+            k += k_ * tokens_mb
+            t = max(t, t_ * tokens_mb)
+        kept.append(k)
+        transient.append(t)
+    return kept, transient
+
+
+def rank_activation_bytes(cfg, split: Sequence[Sequence[int]], schedule, pp_rank: int, precision: str,
+                          recompute: str, tokens_mb: int) -> Tuple[float, List[int]]:
+    """Peak activation bytes of pipeline rank `pp_rank` running `schedule` with the layer `split`
+    (the runtime's): saved activations of its in-flight micro-batches at their peak plus one
+    layer's recompute transient; and the live micro-batches per chunk at that peak. The trainer's
+    dry run and plan() both count with it."""
+    stages = stage_parts(cfg, [len(x) for x in split])
+    kept, transient = stage_activation_bytes(cfg, stages, precision, recompute, tokens_mb)
+    held = schedule.placement[pp_rank]
+    live_bytes, live = peak_live_bytes(schedule.actions[pp_rank], [kept[s] for s in held])
+    return live_bytes + max(transient[s] for s in held), live
+
+
 def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardware(),
          fraction: float = 0.4, sensitivity: Sequence[float] = (0.3, 0.4, 0.5, 0.6)) -> dict:
     """Memory per rank, step time, GPU-hours and validity of `layout` for `recipe` on `hw`."""
@@ -934,16 +963,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         reasons.append(f"{n_stages} pipeline stages for {cfg.n_layers} layers: a stage holds no layer")
 
     tokens_mb = recipe.micro_batch * recipe.seq_len
-    stage_act = []
-    stage_transient = []
-    for parts in stages:
-        kept = transient = 0.0
-        for p in parts:
-            k_, t_ = part_activation_bytes(cfg, p.kind, recipe.precision, recipe.recompute)
-            kept += k_ * tokens_mb
-            transient = max(transient, t_ * tokens_mb)
-        stage_act.append(kept)
-        stage_transient.append(transient)
+    stage_act, stage_transient = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, tokens_mb)
 
     def live_for(rank: int, acts_per_stage: Sequence[float]) -> Tuple[float, List[int]]:
         if sched is not None:

@@ -103,18 +103,24 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
 
 def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) -> RankBytes:
     from parallel.grads import count_bytes
-    from parallel.planner import part_activation_bytes
+    from parallel.planner import rank_activation_bytes
 
     topo, modules, named, optimizer = build_rank(cfg, model_cfg, layout, schedule, split, rank)
     params = [p for _, p in named]
     stages = [getattr(m, "pipeline_stage", 0) for m in modules]
+    activations = 0
+    if schedule is not None:  # the planner's per-layer activation model (tests/test_plan_vs_run.py
+        # checks it against saved tensors of real runs) for this rank's layers and schedule
+        t = cfg.train
+        activations = int(rank_activation_bytes(model_cfg, split, schedule, topo.pp_rank, cfg.precision,
+                                                t.recompute, t.micro_batch * t.seq_len)[0])
     return RankBytes(
         rank=rank, pp_rank=topo.pp_rank, dp_rank=topo.dp_rank, ep_rank=topo.ep_rank, stages=stages,
         param_count=sum(p.numel() for p in params),
         param_bytes=count_bytes(params),
         grad_bytes=count_bytes(params),  # .grad has the parameter's dtype and shape
         optimizer_state_bytes=optimizer.state_bytes(),
-        activation_bytes=0,
+        activation_bytes=activations,
     )
 
 
