@@ -74,12 +74,19 @@ def test_dry_run_of_the_2048_gpu_job_first_rank():
         want["param_bytes"], want["grad_bytes"], want["optimizer_state_bytes"])
 
 
+def test_dry_run_error_is_the_runs_named_error_line(tmp_path):
+    res = run_cli([f"run.dir={tmp_path}"] + TOY_JOB + ["parallel.ep=3"], timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("error: parallel.ep"), res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("args, key", [
-    (["parallel.ep=3"], "parallel.ep"),
     (["debug.dry_run_ranks=[8]"], "debug.dry_run_ranks"),
     (["train.global_batch=10"], "train.global_batch"),
 ])
-def test_dry_run_errors_are_the_runs_named_errors(tmp_path, args, key):
-    res = run_cli([f"run.dir={tmp_path}"] + TOY_JOB + args, timeout=300)
-    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {key}"), res.stderr[-2000:]
+def test_dry_run_validates_as_a_run(args, key):
+    from model import ConfigError
+    from trainer.dry_run import dry_run
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        dry_run(compose(TOY_JOB + args))

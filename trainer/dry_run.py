@@ -134,6 +134,7 @@ def dry_run(cfg) -> list[RankBytes]:
     layout, n_micro = validate(cfg, model_cfg, world_size(cfg))
     schedule, split = plan_stages(cfg, model_cfg, layout, n_micro)
     sched, steps = schedules(cfg, layout, model_cfg)
+    visit = ranks_to_visit(cfg, layout)
     sizes = sched.batch.sizes()
     if schedule is not None:  # every micro-batch count of the run, replayed for deadlock
         from parallel.pipeline import get_schedule
@@ -147,7 +148,7 @@ def dry_run(cfg) -> list[RankBytes]:
           f"{n_micro} micro-batches per rank, all replay-checked; {steps} steps; layers per stage "
           f"{[len(s) for s in split] if split else [model_cfg.n_layers]}", flush=True)
     out = []
-    for rank in ranks_to_visit(cfg, layout):
+    for rank in visit:
         rb = rank_bytes(cfg, model_cfg, layout, schedule, split, rank)
         out.append(rb)
         print("dry run rank " + json.dumps(asdict(rb)), flush=True)
