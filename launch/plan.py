@@ -42,8 +42,7 @@ def _layout(cfg: DictConfig):
     lps = p.get("layers_per_stage")
     return PlanLayout(pp=pp, dp=dp, ep=int(p.ep), world_size=world or pp * dp,
                       gpus_per_node=int(p.gpus_per_node), schedule=str(p.schedule),
-                      layers_per_stage=tuple(int(x) for x in lps) if lps else None,
-                      split=str(cfg.plan.get("split", "runtime")))
+                      layers_per_stage=tuple(int(x) for x in lps) if lps else None)
 
 
 def _recipe(cfg: DictConfig):

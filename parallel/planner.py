@@ -6,8 +6,8 @@ simulator), nothing here starts a process.
 Entry points
 ------------
 * ``param_inventory(cfg)``                   per-part parameter / FLOP counts from the modules
-* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank
-* ``balanced_layers_per_stage(cfg, ...)``    the same from a schedule name (for the runtime)
+* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank (the
+                                             runtime's split too: parallel/pipeline/stages.py)
 * ``predict_rank_bytes(cfg, layout, ...)``   parameter / gradient / optimizer bytes of one rank
 * ``rank_tensors`` / ``zero_owned_tensors``  the tensors a rank trains / holds AdamW states of
 * ``optimizer_param_groups``, ``zero_owners`` the trainer's AdamW groups and torch ZeRO's partition
@@ -24,9 +24,9 @@ MTP parameters not shared with the main model (embedding and head are shared): 1
 
 Stages: stage 0 = embedding + first layers, last stage = last layers + final norm + head + MTP
 depths (DualPipe / DualPipeV rank 0 holds both, so MTP shares embedding and head physically).
-Layers per stage: the runtime's parallel/pipeline/stages.split_layers (stages balanced one by one;
-what training builds), or plan.split=rank_balanced: ``split_layers`` here, which balances what a
-RANK runs (DualPipe: stage r + stage pp-1-r) and breaks ties by memory. Under DualPipe rank r holds stages r and pp-1-r: its per-rank
+Layers per stage: ``split_layers`` here, which balances what a RANK runs (DualPipe: stage r +
+stage pp-1-r) and breaks ties by memory; parallel/pipeline/stages.split_layers cuts the runtime's
+stages with it, so the planner plans the split training builds. Under DualPipe rank r holds stages r and pp-1-r: its per-rank
 weights are both copies, its gradients are summed with the partner's before the DP reduction.
 
 Numerics (``precision``)
@@ -86,7 +86,6 @@ from parallel.param_groups import is_expert_param, optimizer_param_groups  # tor
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
 RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
-SPLITS = ("runtime", "rank_balanced")
 PRECISIONS = ("fp32", "bf16", "fp8")
 PAPER_GPU_HOURS_PER_T = 180_000.0  # DeepSeek-V3 report: H800 GPU-hours per trillion tokens
 
@@ -516,16 +515,6 @@ def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precisi
         counts[b] += 1
 
 
-def balanced_layers_per_stage(cfg, schedule: str, pp: int, n_microbatches: int, precision: str = "fp32",
-                              seq_len: Optional[int] = None, recompute: str = "none", ep: int = 1) -> List[int]:
-    """The default `parallel.layers_per_stage` (None = balanced by layer cost): one call for the
-    runtime and the planner, so predicted and real shards hold the same layers."""
-    from parallel.pipeline import get_schedule
-
-    s = get_schedule(schedule, pp, n_microbatches)
-    return split_layers(cfg, s.placement, s.n_stages, precision, seq_len, recompute, live_points(s), ep)
-
-
 def stage_parts(cfg, counts: Sequence[int]) -> List[List[Part]]:
     """The parts of every stage for `counts` layers per stage."""
     inv = param_inventory(cfg)
@@ -573,7 +562,6 @@ class PlanLayout:
     gpus_per_node: int = 8
     schedule: str = "1f1b"
     layers_per_stage: Optional[Tuple[int, ...]] = None
-    split: str = "runtime"  # runtime | rank_balanced (when layers_per_stage is None)
 
     @property
     def edp(self) -> int:
@@ -597,37 +585,31 @@ def _as_layout(layout: Any) -> PlanLayout:
     lps = get("layers_per_stage", None)
     return PlanLayout(pp=pp, dp=dp, ep=ep, world_size=world or pp * dp,
                       gpus_per_node=int(get("gpus_per_node", 8)), schedule=str(get("schedule", "1f1b")),
-                      layers_per_stage=tuple(lps) if lps else None, split=str(get("split", "runtime")))
+                      layers_per_stage=tuple(lps) if lps else None)
 
 
 def _stages_for(cfg, lay: PlanLayout, precision: str, seq_len: Optional[int] = None,
                 recompute: str = "none", n_micro: int = 0):
-    """(layers per stage, placement, parts per stage). Without parallel.layers_per_stage the split
-    is the runtime's (parallel/pipeline/stages.split_layers: what training builds) or, with
-    lay.split == "rank_balanced", balanced_layers_per_stage (n_micro invalid for the schedule →
-    the smallest valid count)."""
+    """(layers per stage, placement, parts per stage): parallel.layers_per_stage, else the split
+    the runtime builds (parallel/pipeline/stages.split_layers, which cuts with split_layers here)
+    for the schedule at n_micro (an invalid n_micro → the smallest valid count)."""
+    from model.config import ConfigError
     from parallel.pipeline import ScheduleError, get_schedule
+    from parallel.pipeline.stages import split_layers as runtime_split
 
     n_stages, placement = schedule_placement(lay.schedule, lay.pp)
-    if lay.split not in SPLITS:
-        raise PlanError(f"plan.split: expected one of {SPLITS}, got {lay.split!r}")
     if lay.layers_per_stage:
         counts = list(lay.layers_per_stage)
-    elif lay.split == "runtime":
-        from model.config import ConfigError
-        from parallel.pipeline.stages import split_layers as runtime_split
-
-        try:
-            counts = [len(x) for x in runtime_split(cfg, n_stages)]
-        except ConfigError as err:
-            raise PlanError(str(err)) from None
     else:
         try:
             sched = get_schedule(lay.schedule, lay.pp, n_micro)
         except ScheduleError:
             sched = get_schedule(lay.schedule, lay.pp, 2 * lay.pp)
-        counts = split_layers(cfg, placement, n_stages, precision, seq_len, recompute,
-                              live_points(sched), lay.ep)
+        try:
+            counts = [len(x) for x in runtime_split(cfg, sched, precision=precision, seq_len=seq_len,
+                                                    recompute=recompute, ep=lay.ep)]
+        except ConfigError as err:
+            raise PlanError(str(err)) from None
     if len(counts) != n_stages:
         raise PlanError(f"parallel.layers_per_stage has {len(counts)} entries; schedule "
                         f"{lay.schedule} with pp={lay.pp} has {n_stages} stages")
@@ -684,7 +666,7 @@ def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[Te
     pp = 1 (trainer.engine.LocalEngine) in model.named_parameters() order; pp > 1
     (parallel.pipeline.engine.PipelineEngine) every stage's parameters once, sorted by name.
     Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
-    seq_len, recompute, n_microbatches for layout.split == "rank_balanced" (see predict_rank_bytes)."""
+    seq_len, recompute, n_microbatches of the layer split (see predict_rank_bytes)."""
     lay = _as_layout(layout)
     return _held_tensors(model_cfg, lay, _rank_parts(model_cfg, *_rank_stages(model_cfg, lay, rank, **split)))
 
@@ -752,9 +734,8 @@ def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str 
                 expert elements × (master + moments), no step counters);
       "auto":   "params" for precision="fp32" (the numerics the trainer implements), else "flat".
     With pp > 1 and no layers_per_stage, the stage split is the runtime's
-    (parallel/pipeline/stages.split_layers) unless layout.split == "rank_balanced"
-    (balanced_layers_per_stage(model_cfg, schedule, pp, n_microbatches, precision, seq_len,
-    recompute, ep)). A rank's stages share one embedding (stages.build_stage_modules).
+    (parallel/pipeline/stages.split_layers(model_cfg, schedule at n_microbatches, precision=,
+    seq_len=, recompute=, ep=)). A rank's stages share one embedding (stages.build_stage_modules).
     Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, ...)."""
     if partition not in ZERO_PARTITIONS:
         raise PlanError(f"partition: expected one of {ZERO_PARTITIONS}, got {partition!r}")

@@ -23,7 +23,7 @@ class ParallelConfig:
     # (model.max_nodes_per_token). 0 = ep / gpus_per_node of this layout. Set it explicitly to
     # give a smaller layout (e.g. one process) exactly the routing of a larger one.
     expert_nodes: int = 0
-    layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = balanced by layer cost
+    layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
 
@@ -112,7 +112,6 @@ class PlanConfig:
     recompute: str = ""  # none | norm_and_up_proj | full
     zero: bool = True  # ZeRO-1: optimizer states sharded over DP (non-expert) / expert-DP (experts)
     sensitivity: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])  # achievable fractions
-    split: str = "runtime"  # layers per stage when parallel.layers_per_stage is unset: runtime | rank_balanced
 
 
 @dataclass

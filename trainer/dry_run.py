@@ -36,6 +36,7 @@ class RankBytes:
     dp_rank: int
     ep_rank: int
     stages: list
+    layers: list  # layers of each held stage
     param_count: int
     param_bytes: int
     grad_bytes: int
@@ -116,6 +117,7 @@ def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) 
                                                 t.recompute, t.micro_batch * t.seq_len)[0])
     return RankBytes(
         rank=rank, pp_rank=topo.pp_rank, dp_rank=topo.dp_rank, ep_rank=topo.ep_rank, stages=stages,
+        layers=[len(m.layers) for m in modules],
         param_count=sum(p.numel() for p in params),
         param_bytes=count_bytes(params),
         grad_bytes=count_bytes(params),  # .grad has the parameter's dtype and shape

@@ -97,15 +97,18 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     batch of a ramp is built (and checked) too. Pure: runs before any collective."""
     if layout.pp == 1:
         return None, None
+    from parallel.pipeline import get_schedule
     from parallel.pipeline.stages import plan_pipeline
 
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
+    t = cfg.train  # the split's cost model: the run's numerics and shape (the planner's split_layers)
+    recipe = dict(precision=cfg.precision, seq_len=t.seq_len, recompute=t.recompute, ep=layout.ep)
     for batch in schedules(cfg, layout, model_cfg)[0].batch.sizes()[:-1]:
-        try:
-            plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch), layers)
+        try:  # the split is the final batch's; each of the ramp's batches needs a valid schedule
+            get_schedule(cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch))
         except ValueError as err:
             raise ConfigError(f"train.batch_ramp_start: the ramp's global batch {batch} does not fit the pipeline: {err}") from None
-    return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
+    return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers, **recipe)
 
 
 class Trainer:
