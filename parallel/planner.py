@@ -900,19 +900,12 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     inv = param_inventory(cfg)
     reasons: List[str] = []
 
-    # ---- layout checks (all of them, not just the first)
+    # ---- layout checks (all of them, not just the first): the trainer's (parallel/topology.py)
     if lay.pp < 1 or lay.dp < 1 or lay.ep < 1:
         raise PlanError(f"parallel.pp/dp/ep must be >= 1, got pp={lay.pp} dp={lay.dp} ep={lay.ep}")
-    if lay.pp * lay.dp != lay.world_size:
-        reasons.append(f"parallel.pp × parallel.dp = {lay.pp} × {lay.dp} = {lay.pp * lay.dp} != world size {lay.world_size}")
-    if lay.dp % lay.ep:
-        reasons.append(f"parallel.ep={lay.ep} does not divide parallel.dp={lay.dp}")
-    if cfg.n_routed_experts % lay.ep:
-        reasons.append(f"model.n_routed_experts={cfg.n_routed_experts} not divisible by parallel.ep={lay.ep}")
-    if lay.ep > lay.gpus_per_node and lay.ep % lay.gpus_per_node:
-        reasons.append(f"parallel.ep={lay.ep} is not a multiple of parallel.gpus_per_node={lay.gpus_per_node}")
-    if cfg.max_nodes_per_token and lay.n_nodes_ep > 1 and cfg.max_nodes_per_token > lay.n_nodes_ep:
-        reasons.append(f"model.max_nodes_per_token={cfg.max_nodes_per_token} > nodes in an EP group ({lay.n_nodes_ep})")
+    from parallel.topology import layout_problems, model_fields
+
+    reasons += layout_problems(lay.world_size, lay.pp, lay.dp, lay.ep, lay.gpus_per_node, **model_fields(cfg))
     if recipe.seq_len > cfg.max_seq_len:
         reasons.append(f"train.seq_len={recipe.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     if recipe.micro_batch < 1:
