@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
+from model.naming import is_expert_param
 
 
 @dataclass
@@ -28,7 +29,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
             mtp += p.numel()
             continue
         total += p.numel()
-        if ".experts." in name:
+        if is_expert_param(name):
             routed += p.numel()
     emb = model.embed.weight.numel()
     activated = total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts

@@ -81,7 +81,8 @@ from dataclasses import asdict, dataclass, fields
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from parallel.param_groups import is_expert_param, optimizer_param_groups  # torch-free
+from model.naming import is_expert_param  # torch-free
+from parallel.param_groups import optimizer_param_groups  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
@@ -254,7 +255,7 @@ def _inventory(key: str) -> Inventory:
         s = slot(key_)
         n = p.numel()
         tensors.append(TensorSpec(name, tuple(p.shape), key_))
-        if ".experts." in name:
+        if is_expert_param(name):
             s["ep"] += n
             s["et"] += 1
             s["lp"] += 2 * n * frac

@@ -273,6 +273,22 @@ def test_init_independent_of_order_and_stage_split():
     assert not torch.equal(model_of(cfg, seed=8).embed.weight, whole.embed.weight)  # the seed matters
 
 
+def test_expert_name_predicate_matches_module_structure():
+    """model.naming.is_expert_param (used on names by the optimizer groups, gradient reduction,
+    grad norm, FLOP counts and planner) says "expert" exactly for the parameters of Experts
+    modules (what checkpoint sharding and initialisation go by), incl. the MTP depths' experts."""
+    from model.naming import is_expert_param
+
+    cfg = tiny_cfg(mtp_depth=1)
+    for module in (DeepSeekV3(cfg), MoE(cfg)):  # whole-model names and a bare layer's names
+        by_module = {f"{mn}.{pn}" if mn else pn for mn, m in module.named_modules() if isinstance(m, Experts)
+                     for pn, _ in m.named_parameters(recurse=False)}
+        names = [n for n, _ in module.named_parameters()]
+        assert by_module and any("shared" in n for n in names)
+        assert {n for n in names if is_expert_param(n)} == by_module
+    assert any(n.startswith("mtp.") and is_expert_param(n) for n, _ in DeepSeekV3(cfg).named_parameters())
+
+
 def test_expert_shard_init_matches_full():
     cfg = tiny_cfg()
     full = model_of(cfg, seed=3)
