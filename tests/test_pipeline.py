@@ -288,7 +288,7 @@ def test_stage_modules_share_the_embedding():
 
 # ---------------------------------------------------------------------------- pp x ep
 def _ep_worker(rank, world, schedule_name, pp, ep, n_micro, steps):
-    from parallel.dispatch import allreduce_gradients
+    from parallel.grads import allreduce_gradients
     from parallel.pipeline.engine import PipelineEngine
     from parallel.pipeline.stages import shard_stage_experts
     from parallel.topology import Topology

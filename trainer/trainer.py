@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.transformer import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
-from parallel.grads import clip_grads_, count_bytes
+from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
 from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
@@ -255,8 +255,6 @@ class Trainer:
 
     def _reduce_gradients(self) -> None:
         if self.topo is not None:
-            from parallel.dispatch import allreduce_gradients
-
             allreduce_gradients(self.modules, self.topo)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:

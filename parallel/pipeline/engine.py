@@ -57,8 +57,8 @@ is kept for a backward and no gradient is touched.
 
 After the last action: every parameter that this rank and its stage-pair partner both hold
 (DualPipe: both stages; 1F1B: only the tied embedding of ranks 0 and pp-1) gets its gradient
-SUMMED over ``topo.stage_pair_group``. The data-parallel reduction is left to the trainer
-(``parallel.dispatch.allreduce_gradients(engine.modules, topo)`` — with stage_pair=False).
+SUMMED over ``topo.stage_pair_group`` (``parallel.grads.sum_over_stage_pair``). The data-parallel
+reduction is left to the trainer (``parallel.grads.allreduce_gradients(engine.modules, topo)``).
 """
 from __future__ import annotations
 
@@ -77,6 +77,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from model import DeepSeekV3
 from parallel.engine import StageEngine, StepLosses
+from parallel.grads import sum_over_stage_pair
 
 from .p2p import P2P
 from .schedule import Action, Kind, Schedule, ScheduleError, forward_only
@@ -553,25 +554,13 @@ class PipelineEngine(StageEngine):
                           stage=self.stages[c], cpu_s=time.thread_time() - c0)
 
     # ------------------------------------------------------------------ reductions
-    @torch.no_grad()
     def _reduce_pair_grads(self) -> None:
         if not self._shared_names:
             return
-        grads = []
-        for n in self._shared_names:
-            p = self._params[n]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
         t0, c0 = time.perf_counter(), time.thread_time()
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.topo.stage_pair_group)
-        off = 0
-        for g in grads:
-            g.copy_(flat[off:off + g.numel()].view_as(g))
-            off += g.numel()
+        nbytes = sum_over_stage_pair([self._params[n] for n in self._shared_names], self.topo.stage_pair_group)
         self.timeline.add("stage-pair grad all-reduce", "p2p", t0, time.perf_counter(), tid=2,
-                          bytes=flat.numel() * flat.element_size(), cpu_s=time.thread_time() - c0)
+                          bytes=nbytes, cpu_s=time.thread_time() - c0)
 
     # ------------------------------------------------------------------ timeline
     def _wrap_dispatchers(self) -> None:
