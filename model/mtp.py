@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model.block import Block
 from model.config import ModelConfig
 from model.layers import Linear, RMSNorm
 
 
 class MTPModule(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
-        from model.transformer import Block
-
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)

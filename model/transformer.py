@@ -15,34 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import MLA
+from model.block import Block
 from model.config import ConfigError, ModelConfig
-from model.layers import MLP, Linear, RMSNorm, rope_cache
+from model.layers import Linear, RMSNorm, rope_cache
 from model.moe import MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE."""
-
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
-        self.recompute = False  # set_recompute(model, "full"): keep only the block input for backward
-
-    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.ffn(self.ffn_norm(x))
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(self._forward, x, rope, use_reentrant=False)
-        return self._forward(x, rope)
 
 
 @dataclass
