@@ -18,7 +18,7 @@ from model.attention import MLA
 from model.block import Block
 from model.config import ConfigError, ModelConfig
 from model.layers import Linear, RMSNorm, rope_cache
-from model.moe import MoE, Experts, Router, bias_update
+from model.moe import Dispatcher, ExpertPlacement, MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
 
 
@@ -34,6 +34,9 @@ class DeepSeekV3(nn.Module):
 
     `layer_ids`, `has_embed`, `has_head` select one pipeline stage; the defaults build the whole
     model. The head stage also holds the MTP modules and (for them) the embedding.
+    `experts` (which routed experts this process holds, over how many nodes) and `dispatcher`
+    (shared by every MoE layer; None = in-process) come from the parallel layout, so the model
+    built here is the model that runs: nothing is swapped in afterwards.
     """
 
     def __init__(
@@ -42,6 +45,9 @@ class DeepSeekV3(nn.Module):
         layer_ids: Optional[Iterable[int]] = None,
         has_embed: bool = True,
         has_head: bool = True,
+        *,
+        experts: ExpertPlacement = ExpertPlacement(),
+        dispatcher: Optional[Dispatcher] = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -49,11 +55,12 @@ class DeepSeekV3(nn.Module):
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
         needs_embed = has_embed or (has_head and cfg.mtp_depth > 0)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, experts, dispatcher) for i in ids})
         if has_head:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.head = Linear(cfg.dim, cfg.vocab_size)
-            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth))
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, experts, dispatcher)
+                                     for k in range(cfg.mtp_depth))
         else:
             self.norm = self.head = self.mtp = None
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
@@ -101,7 +108,8 @@ class DeepSeekV3(nn.Module):
             m.aux_loss_scale = scale
 
     def set_expert_nodes(self, n_nodes: int) -> None:
-        """How many nodes the routed experts are spread over (for node-limited routing)."""
+        """How many nodes the routed experts are spread over (for node-limited routing). Training
+        builds the model with it (ExpertPlacement.n_nodes); this is for experiments on a built model."""
         for m in self.moe_layers().values():
             m.gate.n_nodes = n_nodes
 

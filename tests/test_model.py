@@ -299,6 +299,29 @@ def test_expert_shard_init_matches_full():
         assert torch.equal(getattr(shard.layers["1"].ffn.experts, w), getattr(full.layers["1"].ffn.experts, w)[4:])
 
 
+
+def test_model_built_with_expert_placement_is_the_sharded_model():
+    """DeepSeekV3(cfg, experts=ExpertPlacement(ep_rank, ep, n_nodes)) holds exactly the expert
+    slice shard_experts would cut from the full model, initialised to the same values, and routes
+    over n_nodes node blocks: the trainer builds this instead of swapping after construction."""
+    from model.moe import ExpertPlacement
+
+    cfg = tiny_cfg(mtp_depth=1)
+    full = model_of(cfg, seed=3)
+    built = DeepSeekV3(cfg, experts=ExpertPlacement(ep_rank=1, ep=2, n_nodes=2))
+    built.init_weights(3)
+    n_local = cfg.n_routed_experts // 2
+    moes = built.moe_layers()
+    assert moes and any(n.startswith("mtp.") for n in moes)
+    for name, moe in moes.items():
+        assert (moe.experts.n_local, moe.experts.first_expert, moe.gate.n_nodes) == (n_local, n_local, 2)
+        ref = full.get_submodule(name).experts
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(moe.experts, w), getattr(ref, w)[n_local:])
+    dense = {n: p for n, p in built.named_parameters() if ".experts." not in n}
+    assert all(torch.equal(p, full.get_parameter(n)) for n, p in dense.items())
+
+
 # ------------------------------------------------------------------------------------------
 # dispatch
 # ------------------------------------------------------------------------------------------

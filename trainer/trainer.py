@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.transformer import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
+from model.moe import ExpertPlacement
+from parallel.dispatch import AllToAllDispatcher
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
 from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
@@ -122,20 +124,22 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
+        topo, n_experts = self.topo, mcfg.n_routed_experts
+        # the model is built as it runs: this rank's experts, their dispatcher(s), the node count
+        experts = ExpertPlacement(topo.ep_rank, topo.ep, self.expert_nodes) if topo is not None \
+            else ExpertPlacement(n_nodes=self.expert_nodes)
         if self.schedule is None:
-            modules = [DeepSeekV3(mcfg)]
-            if self.topo is not None and self.layout.ep > 1:
-                from parallel.dispatch import apply_expert_parallel
-
-                apply_expert_parallel(modules[0], self.topo)
+            dispatcher = AllToAllDispatcher(topo.ep_group, n_experts, topo.gpus_per_node) \
+                if topo is not None and topo.ep > 1 else None
+            modules = [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
         else:
-            from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
+            from parallel.pipeline.stages import build_stage_modules, stage_dispatchers
 
-            modules = build_stage_modules(mcfg, self.schedule, self.topo.pp_rank, split=self.split)
-            shard_stage_experts(modules, self.topo)
+            dispatchers = stage_dispatchers(topo, len(self.schedule.placement[topo.pp_rank]), n_experts)
+            modules = build_stage_modules(mcfg, self.schedule, topo.pp_rank, split=self.split,
+                                          experts=experts, dispatchers=dispatchers)
         autocast = None
         for m in modules:
-            m.set_expert_nodes(self.expert_nodes)
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)
             autocast = apply_precision(m, cfg.precision, self.device)
