@@ -682,8 +682,8 @@ def zero_owners(param_groups: Sequence[Sequence[Any]], world: int) -> List[List[
 
 def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[TensorSpec]:
     """The parameter tensors global `rank` trains, as its engine's named_parameters() lists them:
-    pp = 1 (trainer.engine.LocalEngine) in model.named_parameters() order; pp > 1
-    (parallel.pipeline.engine.PipelineEngine) every stage's parameters once, sorted by name.
+    pp = 1 (trainer.local_engine.LocalEngine) in model.named_parameters() order; pp > 1
+    (parallel.pipeline.runtime.PipelineEngine) every stage's parameters once, sorted by name.
     Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
     seq_len, recompute, n_microbatches for layout.split == "rank_balanced" (see predict_rank_bytes)."""
     lay = _as_layout(layout)

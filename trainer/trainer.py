@@ -26,7 +26,7 @@ from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
-from trainer.engine import LocalEngine
+from trainer.local_engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
@@ -148,7 +148,7 @@ class Trainer:
             self.engine = LocalEngine(modules[0], self.topo)
             self.autocast = autocast
         else:
-            from parallel.pipeline.engine import PipelineEngine
+            from parallel.pipeline.runtime import PipelineEngine
 
             self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
             self.autocast = contextlib.nullcontext  # the engine enters it in the thread that runs each forward

@@ -1,14 +1,14 @@
 """LocalEngine: one stage holds the whole model (pp = 1, any dp/ep) — plain gradient accumulation.
 
-The engine contract and the shared MoE bookkeeping live in parallel/engine.py; the pipeline
-engine is parallel/pipeline/engine.py.
+The engine contract and the shared MoE bookkeeping live in parallel/step_engine.py; the pipeline
+engine is parallel/pipeline/runtime.py.
 """
 from __future__ import annotations
 
 import torch
 
 from model import DeepSeekV3
-from parallel.engine import StageEngine, StepLosses
+from parallel.step_engine import StageEngine, StepLosses
 
 __all__ = ["LocalEngine", "StepLosses"]
 
