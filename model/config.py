@@ -10,6 +10,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 
+# The run-time numerics options of a model (train.recompute, precision), named here once: the
+# model and trainer validate against them and the torch-free planner enumerates them.
+RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
+PRECISIONS = ("fp32", "bf16", "fp8")
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the offending key."""
 

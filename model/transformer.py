@@ -16,7 +16,7 @@ from torch import nn
 
 from model.attention import MLA
 from model.block import Block
-from model.config import ConfigError, ModelConfig
+from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig
 from model.layers import Linear, RMSNorm, rope_cache
 from model.moe import Dispatcher, ExpertPlacement, MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
@@ -154,9 +154,6 @@ def enable_fp8(model: nn.Module) -> int:
             mod.fp8 = True
             n += 1
     return n
-
-
-RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

@@ -81,14 +81,13 @@ from dataclasses import asdict, dataclass, fields
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from model.config import PRECISIONS, RECOMPUTE_MODES  # torch-free
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
-RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
 SPLITS = ("runtime", "rank_balanced")
-PRECISIONS = ("fp32", "bf16", "fp8")
 PAPER_GPU_HOURS_PER_T = 180_000.0  # DeepSeek-V3 report: H800 GPU-hours per trillion tokens
 
 

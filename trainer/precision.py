@@ -39,12 +39,10 @@ from typing import Callable, ContextManager, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from model.config import ConfigError
+from model.config import PRECISIONS, ConfigError
 from model.transformer import enable_fp8
 
 __all__ = ["PRECISIONS", "SavedActivations", "apply_precision", "check_precision", "saved_activation_bytes"]
-
-PRECISIONS = ("fp32", "bf16", "fp8")
 
 AutocastFactory = Callable[[], ContextManager]
 

@@ -17,11 +17,12 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
-from model.transformer import RECOMPUTE_MODES
+from model.config import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
 from model.moe import ExpertPlacement
 from parallel.dispatch import AllToAllDispatcher
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
+from parallel.pipeline import SCHEDULES
 from parallel.topology import Layout, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
@@ -57,8 +58,8 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
         raise ConfigError(f"train.eval_every: must be >= 0 (0 = no evaluation), got {t.eval_every}")
     if t.eval_every and t.eval_batches < 1:
         raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got {t.eval_batches}")
-    if cfg.parallel.schedule not in ("1f1b", "dualpipe", "dualpipev"):
-        raise ConfigError(f"parallel.schedule: expected 1f1b|dualpipe|dualpipev, got {cfg.parallel.schedule!r}")
+    if cfg.parallel.schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.schedule: expected {'|'.join(SCHEDULES)}, got {cfg.parallel.schedule!r}")
     if t.recompute not in RECOMPUTE_MODES:
         raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
     expert_nodes(cfg, model_cfg, layout)
