@@ -5,6 +5,9 @@ engine is parallel/pipeline/runtime.py.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, ContextManager, Optional
+
 import torch
 
 from model import DeepSeekV3
@@ -14,23 +17,29 @@ __all__ = ["LocalEngine", "StepLosses"]
 
 
 class LocalEngine(StageEngine):
-    def __init__(self, model: DeepSeekV3, topo=None):
+    """autocast: the context factory of trainer/precision.py's ``apply_precision``, entered around
+    the step's forward and backward passes; None = no context."""
+
+    def __init__(self, model: DeepSeekV3, topo=None, *,
+                 autocast: Optional[Callable[[], ContextManager]] = None):
         self.model, self.topo = model, topo
         self.modules = [model]
+        self._autocast = autocast or contextlib.nullcontext
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> StepLosses:
         m = len(micro_batches)
         self.model.set_aux_loss_scale(1.0 / m)
         losses = StepLosses()
-        for tokens in micro_batches:
-            out = self.model(tokens[:, :-1], tokens[:, 1:])
-            (out.loss / m).backward()
-            losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
+        with self._autocast():
+            for tokens in micro_batches:
+                out = self.model(tokens[:, :-1], tokens[:, 1:])
+                (out.loss / m).backward()
+                losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses
 
     def evaluate(self, micro_batches: list[torch.Tensor]) -> StepLosses:
         losses = StepLosses()
-        with self.eval_mode():
+        with self.eval_mode(), self._autocast():
             for tokens in micro_batches:
                 out = self.model(tokens[:, :-1], tokens[:, 1:])
                 losses.add(out.lm_loss, out.mtp_loss, 1.0 / len(micro_batches))

@@ -145,14 +145,14 @@ class Trainer:
             m.to(self.device)
             autocast = apply_precision(m, cfg.precision, self.device)
             set_recompute(m, cfg.train.recompute)
+        # the step engine enters the precision's autocast around every forward (one owner for
+        # every layout; the pipeline runtime must enter it in the thread that runs each forward)
         if self.schedule is None:
-            self.engine = LocalEngine(modules[0], self.topo)
-            self.autocast = autocast
+            self.engine = LocalEngine(modules[0], self.topo, autocast=autocast)
         else:
             from parallel.pipeline.runtime import PipelineEngine
 
             self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
-            self.autocast = contextlib.nullcontext  # the engine enters it in the thread that runs each forward
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
         t = cfg.train
@@ -251,8 +251,7 @@ class Trainer:
         t = self.cfg.train
         lm = mtp = 0.0
         for k in range(t.eval_batches):
-            with self.autocast():
-                losses = self.engine.evaluate(self._micro_batches(k, split="val"))
+            losses = self.engine.evaluate(self._micro_batches(k, split="val"))
             lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
         lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
         return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
@@ -324,7 +323,7 @@ class Trainer:
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step), self.autocast():
+                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
                     losses = self.engine.forward_backward(self._micro_batches(step))
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
                     self._reduce_gradients()
