@@ -7,6 +7,7 @@ import torch
 
 from model.config import ModelConfig
 from model.naming import is_expert_param
+from model.transformer import DeepSeekV3
 
 
 @dataclass
@@ -19,8 +20,6 @@ class ParamCounts:
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
-    from model.transformer import DeepSeekV3
-
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     total = mtp = routed = 0

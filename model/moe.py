@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ConfigError, ModelConfig
+from model.fp8 import fp8_linear
 from model.layers import MLP
 
 
@@ -93,10 +94,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, dim], rows grouped by local expert (counts[e] rows for expert e) → [M, dim]."""
-        if self.fp8:
-            from model.fp8 import fp8_linear as linear
-        else:
-            linear = F.linear
+        linear = fp8_linear if self.fp8 else F.linear
         # unbind once: indexing w[e] per expert would make backward allocate a zero [E, out, in]
         # gradient for every expert; unbind's backward is a single stack.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)

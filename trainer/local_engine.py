@@ -11,6 +11,8 @@ from typing import Callable, ContextManager, Optional
 import torch
 
 from model import DeepSeekV3
+from parallel.dispatch import global_expert_load
+from parallel.grads import global_grad_norm
 from parallel.step_engine import StageEngine, StepLosses
 
 __all__ = ["LocalEngine", "StepLosses"]
@@ -52,13 +54,9 @@ class LocalEngine(StageEngine):
         return list(self.model.parameters())
 
     def grad_norm(self) -> float:
-        from parallel.grads import global_grad_norm
-
         return global_grad_norm(self.model.named_parameters(), ep_group=getattr(self.topo, "ep_group", None))
 
     def expert_loads(self) -> dict[str, torch.Tensor]:
         if self.topo is not None and getattr(self.topo, "dp_group", None) is not None:
-            from parallel.dispatch import global_expert_load
-
             return global_expert_load(self.model, self.topo)
         return {n: m.tokens_per_expert.clone() for n, m in self.model.moe_layers().items()}

@@ -23,10 +23,13 @@ from model.moe import ExpertPlacement
 from parallel.dispatch import AllToAllDispatcher
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
 from parallel.pipeline import SCHEDULES
-from parallel.topology import Layout, validate_for_model
+from parallel.pipeline.runtime import PipelineEngine
+from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
+from parallel.topology import Layout, init_distributed, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
+from trainer.ema import CPUEMA
 from trainer.local_engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
@@ -85,8 +88,6 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     """(schedule, layer split) for pp > 1, else (None, None). Pure: runs before any collective."""
     if layout.pp == 1:
         return None, None
-    from parallel.pipeline.stages import plan_pipeline
-
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
     return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
 
@@ -116,8 +117,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ build
     def _init_distributed(self) -> None:
-        from parallel.topology import init_distributed
-
         p = self.cfg.parallel
         self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
                                      timeout_s=p.timeout_s)
@@ -134,8 +133,6 @@ class Trainer:
                 if topo is not None and topo.ep > 1 else None
             modules = [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
         else:
-            from parallel.pipeline.stages import build_stage_modules, stage_dispatchers
-
             dispatchers = stage_dispatchers(topo, len(self.schedule.placement[topo.pp_rank]), n_experts)
             modules = build_stage_modules(mcfg, self.schedule, topo.pp_rank, split=self.split,
                                           experts=experts, dispatchers=dispatchers)
@@ -150,8 +147,6 @@ class Trainer:
         if self.schedule is None:
             self.engine = LocalEngine(modules[0], self.topo, autocast=autocast)
         else:
-            from parallel.pipeline.runtime import PipelineEngine
-
             self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
@@ -160,8 +155,6 @@ class Trainer:
         self.param_bytes = count_bytes(p for _, p in self.engine.named_parameters())
         self.ema = None
         if t.ema_decay > 0:
-            from trainer.ema import CPUEMA
-
             self.ema = CPUEMA(dict(self.engine.named_parameters()), decay=t.ema_decay)
 
         self.flops_per_token = train_flops_per_token(mcfg, t.seq_len)

@@ -61,11 +61,12 @@ from torch import nn
 
 from model import DeepSeekV3
 from parallel.step_engine import StageEngine, StepLosses
-from parallel.grads import sum_over_stage_pair
+from parallel.dispatch import global_expert_load
+from parallel.grads import global_grad_norm, sum_over_stage_pair
 
 from .p2p import P2P
 from .schedule import Action, Kind, Schedule, ScheduleError, forward_only
-from .timeline import TimedDispatcher, Timeline
+from .timeline import TimedDispatcher, Timeline, gather_and_write
 from .weight_grad import WeightGradState, backward_input, backward_weight
 
 
@@ -199,8 +200,6 @@ class PipelineEngine(StageEngine):
     def grad_norm(self) -> float:
         """Global L2 norm of the gradients (call after the DP reduction): sums experts over EP and
         everything over the pipeline group, each element once."""
-        from parallel.grads import global_grad_norm
-
         return global_grad_norm(self.grad_norm_parameters(), ep_group=getattr(self.topo, "ep_group", None),
                                 pp_group=self.topo.pp_group)
 
@@ -209,8 +208,6 @@ class PipelineEngine(StageEngine):
         """Global tokens per expert of every MoE layer this rank holds: summed over the DP group
         and, where the partner holds the same layers (DualPipe), over the stage pair — each
         micro-batch's routing is counted once, on the copy that ran it."""
-        from parallel.dispatch import global_expert_load
-
         return global_expert_load(self.modules, self.topo, stage_pair=self._pair_same_stages)
 
     # ------------------------------------------------------------------ the step
@@ -391,8 +388,6 @@ class PipelineEngine(StageEngine):
 
     def save_timeline(self, run_dir: str, png: bool = True) -> Optional[str]:
         """Collective over the default group: write run_dir/timeline.json (+ .png) on rank 0."""
-        from .timeline import gather_and_write
-
         return gather_and_write(self.timeline, run_dir, png=png)
 
     def close(self) -> None:

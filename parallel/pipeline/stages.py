@@ -32,6 +32,7 @@ from model.moe import ExpertPlacement
 from model.transformer import DeepSeekV3
 from parallel.dispatch import AllToAllDispatcher, shard_experts
 
+from . import get_schedule
 from .schedule import Schedule
 
 
@@ -223,8 +224,6 @@ def plan_pipeline(cfg: ModelConfig, schedule_name: str, pp: int, n_microbatches:
 
     Raises ``ScheduleError`` (unknown schedule, odd pp or a bad micro-batch count for DualPipe,
     ...) or ``StageError`` (fewer layers than stages, bad ``parallel.layers_per_stage``)."""
-    from . import get_schedule
-
     schedule = get_schedule(schedule_name, pp, n_microbatches)
     split = split_layers(cfg, schedule.n_stages, layers_per_stage)
     return schedule, split
