@@ -81,7 +81,7 @@ from dataclasses import asdict, dataclass, fields
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig  # torch-free
+from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
@@ -113,10 +113,9 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hardware":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_keys(cls, d)
         if unknown:
-            raise PlanError(f"hardware: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise PlanError(f"hardware: unknown key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
         return cls(**d)
 
 
