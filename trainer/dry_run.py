@@ -22,8 +22,16 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fake backend ("fake")
 
-from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
+from model import ConfigError, ModelConfig, set_recompute
+from parallel.grads import count_bytes
+from parallel.pipeline import get_schedule, validate as validate_schedule
+from parallel.planner import rank_activation_bytes
+from parallel.topology import Topology
+from parallel.zero import build_optimizer
+from trainer.precision import apply_precision
+from trainer.trainer import build_modules, expert_nodes, plan_stages, schedules, validate
 
 WORLD_ENV = "DSV3_DRY_RUN_WORLD"
 
@@ -63,32 +71,13 @@ def world_size(cfg) -> int:
 def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
     """(modules, named parameters, optimizer) of global `rank`, built as the trainer builds them,
     on the meta device, under a fake process group of the job's world size."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from parallel.topology import Topology
-    from parallel.zero import build_optimizer
-    from trainer.precision import apply_precision
-    from trainer.trainer import expert_nodes
-
     p = cfg.parallel
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
     try:
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
-        meta = torch.device("meta")
-        if schedule is None:
-            with meta:
-                modules = [DeepSeekV3(model_cfg)]
-            if layout.ep > 1:
-                from parallel.dispatch import apply_expert_parallel
-
-                apply_expert_parallel(modules[0], topo)
-        else:
-            from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
-
-            modules = build_stage_modules(model_cfg, schedule, topo.pp_rank, split=split, device=meta)
-            shard_stage_experts(modules, topo)
+        modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
+                                device=torch.device("meta"))
         for m in modules:
-            m.set_expert_nodes(expert_nodes(cfg, model_cfg, layout))
             apply_precision(m, cfg.precision, "cpu")
             set_recompute(m, cfg.train.recompute)
         named: dict = {}
@@ -103,9 +92,6 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
 
 
 def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) -> RankBytes:
-    from parallel.grads import count_bytes
-    from parallel.planner import rank_activation_bytes
-
     topo, modules, named, optimizer = build_rank(cfg, model_cfg, layout, schedule, split, rank)
     params = [p for _, p in named]
     stages = [getattr(m, "pipeline_stage", 0) for m in modules]
@@ -128,9 +114,6 @@ def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) 
 
 def dry_run(cfg) -> list[RankBytes]:
     """Validate as a real run, build every visited rank, print a table (or JSON lines), return it."""
-    from parallel.pipeline import validate as validate_schedule
-    from trainer.trainer import plan_stages, schedules, validate
-
     t0 = time.perf_counter()
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     layout, n_micro = validate(cfg, model_cfg, world_size(cfg))
@@ -139,8 +122,6 @@ def dry_run(cfg) -> list[RankBytes]:
     visit = ranks_to_visit(cfg, layout)
     sizes = sched.batch.sizes()
     if schedule is not None:  # every micro-batch count of the run, replayed for deadlock
-        from parallel.pipeline import get_schedule
-
         for b in sizes:
             validate_schedule(get_schedule(cfg.parallel.schedule, layout.pp, b // (layout.dp * cfg.train.micro_batch)),
                               check_deadlock=True)
