@@ -64,9 +64,21 @@ def should_print(err: BaseException) -> bool:
     return not _same_on_every_rank(err) or os.environ.get("RANK", "0") == "0"
 
 
+# How long a silent rank waits before exiting: torchrun stops the whole group as soon as one
+# worker exits, so a rank that exited at once could get rank 0 killed before it printed the line.
+# torchrun ends the wait (SIGTERM) when rank 0 exits.
+SILENT_RANK_GRACE_S = 20.0
+
+
 def exit_with(err: BaseException | str) -> None:
-    if isinstance(err, str) or should_print(err):
+    """One line `error: ...` and EXIT_USER_ERROR. A str is a config composition error: the same on
+    every rank, printed by rank 0."""
+    if (os.environ.get("RANK", "0") == "0") if isinstance(err, str) else should_print(err):
         print(f"error: {err}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        import time
+
+        time.sleep(SILENT_RANK_GRACE_S)
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -160,3 +160,20 @@ def test_chaos_random_kills_and_a_sigterm_give_the_uninterrupted_run(tmp_path, e
     assert not [d for d in checkpoints(tmp_path) if not d.endswith(".tmp") and not
                 os.path.exists(os.path.join(tmp_path, "checkpoints", d, "meta.json"))], where
     assert_bit_identical(ep2_reference, read_metrics(str(tmp_path)), STEPS)
+
+
+def test_config_error_and_nonfinite_stop_are_one_line_from_one_rank(tmp_path):
+    """Under torchrun every rank raises the same config error and the same agreed stop: one line."""
+    for args, key in [(["train.foo=1"], "train.foo"), (["parallel.ep=3"], "parallel.ep")]:
+        res = run(torchrun(2, [f"run.dir={tmp_path / 'bad'}", *args]), timeout=300)
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+        assert res.returncode != 0 and len(errors) == 1 and key in errors[0], res.stderr[-3000:]
+    args = [f"run.dir={tmp_path / 'nan'}", "train.steps=5", *EP2, "checkpoint.every=2",
+            "debug.inject_nonfinite_at_step=4", "debug.inject_nonfinite_rank=1"]
+    res = run(torchrun(2, args), timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-3000:]
+    name = res.stdout.split("gradient of ")[1].split(" at step")[0]
+    assert "at step 4 on rank(s) 1;" in errors[0] and f"(rank 1): {name}." in errors[0], (errors, name)
+    assert int(name.rsplit(".", 1)[1]) >= 4, "rank 1 holds routed experts 4..7 under ep=2: a global id"
+    assert checkpoints(tmp_path / "nan") == ["step_2"], "the last good checkpoint stays the newest"

@@ -19,8 +19,9 @@ from model.moe import Experts
 ON_NONFINITE = ("skip", "stop")
 
 
-class NonFiniteError(RuntimeError):
-    """train.on_nonfinite=stop: the message names the step, the rank(s) and the first parameter."""
+class NonFiniteError(Exception):
+    """train.on_nonfinite=stop: the message names the step, the rank(s) and the first parameter.
+    Not a RuntimeError, which the loop reads as a failed collective."""
 
 
 @dataclass
