@@ -4,7 +4,8 @@
   period) during a pp2 × dp2 × ep2 DualPipe run: the current step is checkpointed, no step is
   lost, and the resumed run is bit-identical to an uninterrupted one.
 - SIGTERM straight to one worker: the others learn of it in the step's agreement all-reduce; one
-  agreed checkpoint step, exit 143, torchrun restarts the group, bit-identical result.
+  agreed checkpoint step, exit 143, torchrun restarts the group, bit-identical result (with
+  asynchronous saves: the preemption save is waited for; the resume reads an async checkpoint).
 - Chaos: under --max-restarts, seeded SIGKILLs of a random rank at 3 points (one while a checkpoint
   is being written) and one SIGTERM; the metrics equal the uninterrupted run's bit for bit, every
   step is logged once, and resume never picks a corrupt checkpoint. Replay a failure with
@@ -110,7 +111,9 @@ def test_sigterm_to_one_worker_agrees_on_one_checkpoint_step(tmp_path, ep2_refer
     seed = int(os.environ.get("CHAOS_SEED", "0"))
     rng = random.Random(seed)
     after = rng.randint(2, STEPS - 3)
-    args = [f"run.dir={tmp_path}", f"train.steps={STEPS}", *EP2]
+    # Asynchronous saves here: the preemption checkpoint is waited for before the exit, and the
+    # resumed run starts from an asynchronously written checkpoint.
+    args = [f"run.dir={tmp_path}", f"train.steps={STEPS}", *EP2, "checkpoint.async_save=true", "checkpoint.every=4"]
     code, out, err = signal_after(torchrun(2, args, max_restarts=1), tmp_path, after,
                                   lambda pid: rng.choice(workers_of(pid)), timeout=400)
     assert code == 0, err[-3000:]

@@ -413,7 +413,7 @@ class Trainer:
                     sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
                                        **a2a, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
-                if verdict.preempt:
+                if verdict.preempt and step_no < t.steps:
                     raise Preempted(step_no)
                 if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < t.steps:
                     if not saved:
