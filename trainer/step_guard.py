@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from model.moe import Experts
+from trainer.checkpoint import tensor_items
 
 ON_NONFINITE = ("skip", "stop")
 
@@ -58,12 +59,9 @@ def first_nonfinite_name(named_params, modules: dict[str, torch.nn.Module]) -> s
     for name, p in named_params:
         if p.grad is None or bool(torch.isfinite(p.grad).all()):
             continue
-        mod = modules.get(name.rsplit(".", 1)[0])
-        if isinstance(mod, Experts) and p.grad.dim() >= 1 and p.grad.shape[0] == mod.n_local:
-            for e in range(mod.n_local):
-                if not bool(torch.isfinite(p.grad[e]).all()):
-                    return f"{name}.{mod.first_expert + e}"
-        return name
+        for key, g in tensor_items({name: p.grad}, modules).items():
+            if not bool(torch.isfinite(g).all()):
+                return key
     return "(none: the loss is not finite)"
 
 
