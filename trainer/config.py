@@ -50,6 +50,7 @@ class TrainConfig:
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
     eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
     eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient (agreed over ranks) stops, or skips the update
     # Token-based schedules (trainer/schedules.py; configs/train/deepseek_v3.yaml has the report's).
     tokens: float = 0.0  # > 0 with steps = 0: train until this many tokens are consumed
     lr_decay_start_tokens: float = 0.0  # with lr_decay_end_tokens > 0: lr constant until here, ...
@@ -78,6 +79,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <path to a step_N folder>
     final: bool = False
     keep: int = 3
+    async_save: bool = False  # DCP async_save: stage to CPU, write in the background (one in flight)
+    # A scheduler's notice: finish the step, checkpoint it, exit 143 (torchrun/SLURM may restart)
+    preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -92,6 +96,9 @@ class DebugConfig:
     fail_once: bool = True  # ... on the first attempt only
     fail_mode: str = "exit"  # exit (os._exit) | hang (sleep: the other ranks' collectives time out)
     record_timeline: bool = False
+    inject_nonfinite_at_step: int = -1  # put a NaN into one gradient at this step ...
+    inject_nonfinite_rank: int = 0  # ... on this rank (train.on_nonfinite decides what follows)
+    faults: list = field(default_factory=list)  # "attempt:step:rank:kill|kill_in_checkpoint|term" (trainer/faults.py)
     dry_run: bool = False  # build ranks of the job in one process (fake process groups, meta device), print bytes, exit
     dry_run_ranks: list = field(default_factory=list)  # extra ranks to visit (default: one per pipeline position)
 
