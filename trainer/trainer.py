@@ -60,6 +60,7 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     if t.recompute not in RECOMPUTE_MODES:
         raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
     expert_nodes(cfg, model_cfg, layout)
+    expert_dispatch(cfg, model_cfg, layout)
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
         raise ConfigError(
@@ -76,6 +77,26 @@ def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
     if model_cfg.n_routed_experts % n:
         raise ConfigError(f"parallel.expert_nodes={n} does not divide model.n_routed_experts={model_cfg.n_routed_experts}")
     return n
+
+
+def expert_dispatch(cfg, model_cfg: ModelConfig, layout: Layout):
+    """(`parallel.dispatch` resolved to flat | two_hop, the a2a Wire of `parallel.a2a_dtype`).
+    auto = two_hop when the EP group spans several nodes (one process: when the experts are
+    split into several node-groups, so that it rounds like that layout)."""
+    from model.wire import resolve_wire
+    from parallel.dispatch import resolve_dispatch
+
+    p = cfg.parallel
+    try:
+        wire = resolve_wire(p.a2a_dtype, cfg.precision)
+        nodes = layout.n_nodes_ep if layout.ep > 1 else expert_nodes(cfg, model_cfg, layout)
+        mode = resolve_dispatch(p.dispatch, nodes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mode == "two_hop" and layout.ep > 1 and layout.ep % layout.gpus_per_node:
+        raise ConfigError(f"parallel.dispatch: two_hop needs an EP group of whole nodes; parallel.ep={layout.ep} "
+                          f"is not a multiple of parallel.gpus_per_node={layout.gpus_per_node} (use flat)")
+    return mode, wire
 
 
 def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
@@ -97,6 +118,7 @@ class Trainer:
         self.layout, self.n_micro = validate(cfg, self.model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
+        self.dispatch_mode, self.wire = expert_dispatch(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if cfg.train.eval_every:
             self.data.windows("val")  # DataError now if there is no held-out split
@@ -127,14 +149,19 @@ class Trainer:
             if self.topo is not None and self.layout.ep > 1:
                 from parallel.dispatch import apply_expert_parallel
 
-                apply_expert_parallel(modules[0], self.topo)
+                apply_expert_parallel(modules[0], self.topo, mode=self.dispatch_mode, wire=self.wire)
         else:
             from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
 
             modules = build_stage_modules(mcfg, self.schedule, self.topo.pp_rank, split=self.split)
-            shard_stage_experts(modules, self.topo)
+            shard_stage_experts(modules, self.topo, mode=self.dispatch_mode, wire=self.wire)
         autocast = None
         for m in modules:
+            if self.layout.ep == 1:  # experts in process: round like an EP layout would send
+                from model.moe import LocalDispatcher
+
+                for moe in m.moe_layers().values():
+                    moe.dispatcher = LocalDispatcher(self.wire, self.dispatch_mode == "two_hop", self.expert_nodes)
             m.set_expert_nodes(self.expert_nodes)
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)

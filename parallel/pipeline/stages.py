@@ -171,7 +171,7 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     return modules
 
 
-def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
+def shard_stage_experts(modules: Sequence[DeepSeekV3], topo, mode: str = "flat", wire=None) -> list:
     """Expert-parallel sharding of every stage module of this rank (call on EVERY rank, before
     ``init_weights`` and before building the optimizer). Returns the dispatchers (one per chunk).
 
@@ -182,17 +182,16 @@ def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
     interleave on a single communicator, and each group sees the same collective order on every
     EP rank (the order of the schedule's actions on that chunk). With ep == 1 nothing changes
     (the LocalDispatcher runs every expert in process)."""
-    from parallel.dispatch import AllToAllDispatcher, shard_experts
+    from model.wire import FP32
+    from parallel.dispatch import apply_expert_parallel
 
     if topo.ep == 1:
         return []
     dispatchers = []
     for c, m in enumerate(modules):
-        group = topo.ep_group if c == 0 else topo.new_group_of(topo.layout.ep_groups())
-        n_experts = m.cfg.n_routed_experts
-        disp = AllToAllDispatcher(group, n_experts, topo.gpus_per_node)
-        shard_experts(m, topo.ep_rank, topo.ep, group, topo.gpus_per_node, dispatcher=disp)
-        dispatchers.append(disp)
+        # (mode two_hop: the chunk's inter- and intra-node groups are fresh too)
+        groups = (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group) if c == 0 else topo.new_ep_groups()
+        dispatchers.append(apply_expert_parallel(m, topo, mode=mode, wire=wire or FP32, groups=groups))
     return dispatchers
 
 
