@@ -182,6 +182,7 @@ class LocalDispatcher:
             return combine_topk(y_sorted, inv, weights)
         y = y_sorted.index_select(0, inv).view(n, k, y_sorted.shape[-1])
         node_of = ids // (experts.n_local // self.n_nodes)
+        weights = round_trip(weights, "fp32", wire.backward)  # they travel with hop 1: their grads come back
         return node_partials_sum(y, weights, node_of, self.n_nodes, wire.combine, wire.backward)
 
 

@@ -81,7 +81,7 @@ def _send_bytes(buf: torch.Tensor, route: Route, async_op: bool):
     out = buf.new_empty((sum(recv), buf.shape[1]))
     work = dist.all_to_all_single(out, others.contiguous(), recv, send, group=route.group, async_op=async_op)
     off = sum(route.recv[:me])
-    return work, lambda: torch.cat([out[:off], chunks[me], out[off:]])
+    return work, lambda _send=others: torch.cat([out[:off], chunks[me], out[off:]])  # _send: alive until done
 
 
 class Pending:

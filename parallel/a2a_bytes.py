@@ -53,9 +53,25 @@ def combine_row_bytes(dim: int, fmt: str) -> int:
 def two_hop_inter_node_bytes(token_nodes: float, dim: int, k: int, dispatch_fmt: str, combine_fmt: str) -> float:
     """Forward inter-node bytes of two_hop for `token_nodes` (token, remote destination node)
     pairs: one hop-1 dispatch row out and one combine partial back per pair."""
-    return token_nodes * (dispatch_row_bytes(dim, k, dispatch_fmt, "hop1") + combine_row_bytes(dim, combine_fmt))
+    b = two_hop_forward_bytes(token_nodes, 0, 0, dim, k, dispatch_fmt, combine_fmt)
+    return b["dispatch_inter"] + b["combine_inter"]
 
 
 def flat_inter_node_bytes(token_experts: float, dim: int, dispatch_fmt: str, combine_fmt: str) -> float:
     """Forward inter-node bytes of flat for `token_experts` (token, expert on a remote node) pairs."""
     return token_experts * (dispatch_row_bytes(dim, 0, dispatch_fmt, "flat") + combine_row_bytes(dim, combine_fmt))
+
+
+def two_hop_forward_bytes(token_nodes: float, token_gpus: float, token_experts: float, dim: int, k: int,
+                          dispatch_fmt: str, combine_fmt: str) -> dict:
+    """Forward bytes of two_hop sent over each link kind, from pair counts: `token_nodes`
+    (token, remote node) pairs cross inter-node once each way; `token_gpus` (row, other GPU of
+    the node) hop-2 rows and `token_experts` (token, expert on another GPU of the node) expert
+    outputs cross intra-node. The runtime's measured counts obey this (tests/test_two_hop.py);
+    the planner feeds it expected counts."""
+    return {
+        "dispatch_inter": token_nodes * dispatch_row_bytes(dim, k, dispatch_fmt, "hop1"),
+        "combine_inter": token_nodes * combine_row_bytes(dim, combine_fmt),
+        "dispatch_intra": token_gpus * dispatch_row_bytes(dim, k, dispatch_fmt, "hop2"),
+        "combine_intra": token_experts * combine_row_bytes(dim, combine_fmt),
+    }

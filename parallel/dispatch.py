@@ -1,22 +1,25 @@
-"""Token dispatch for the MoE layer: LocalDispatcher (1 process) and AllToAllDispatcher (EP).
+"""Token dispatch for the MoE layer: LocalDispatcher (1 process) and AllToAllDispatcher (EP, flat).
 
 `model/moe.py` owns the Dispatcher protocol, `LocalDispatcher`, `permute_by_expert` and
 `combine_topk`, so that model/ needs nothing from parallel/ (dependencies point one way:
 parallel → model). Dispatcher and LocalDispatcher are re-exported here because this is where the
 dispatchers live in the design map. `AllToAllDispatcher` reuses the same permutation and
 combine_topk, so both dispatchers sum each token's k expert outputs in the same order.
+`parallel.dispatch=two_hop` (parallel/two_hop.py) sends a token once per destination node
+instead; `build_dispatcher` picks one.
 
-Expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP rank::
+Flat expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP rank::
 
     permute_by_expert(ids)            rows sorted by global expert → per-destination slices contiguous
     all_to_all_single(counts)         per-expert counts → send/recv splits, received per-local-expert counts
-    all_to_all_single(x, splits)      dispatch: received rows grouped by (source rank, local expert)
+    exchange(rows, splits)            dispatch: received rows grouped by (source rank, local expert)
     regroup by local expert           second (stable) permutation → experts(x_local, counts_local)
-    undo regroup, all_to_all_single   combine: outputs go back along the reverse splits
+    undo regroup, exchange back       combine: outputs go back along the reverse splits
     combine_topk                      un-permute and Σ_k gate · expert output
 
-Autograd flows through both all-to-alls (`_AllToAll`: the backward is the reverse
-all_to_all_single). `dispatch_async` / `combine_async` return handles with `.wait()` so a
+Rows travel in the `parallel.a2a_dtype` format (model/wire.py; each token encoded once, an FP8
+row is the experts' GEMM input) through parallel/a2a.py's `exchange`, whose backward is the
+reverse exchange. `dispatch_async` / `combine_async` return handles with `.wait()` so a
 pipeline schedule can overlap the exchange with other compute; `__call__` is their composition.
 
 Every rank of the EP group must call the dispatcher the same number of times in the same order

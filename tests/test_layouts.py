@@ -43,7 +43,10 @@ def reference(tmp_path_factory):
         ("dp2", 2, []),
         ("ep2", 2, ["parallel.ep=2"]),
         ("ep4", 4, ["parallel.ep=4"]),
+        # parallel.dispatch=auto → two_hop: the EP group spans several simulated nodes
         ("dp4_ep2_nodes", 4, ["parallel.ep=2", "parallel.gpus_per_node=1"]),
+        ("ep4_two_hop_2nodes", 4, ["parallel.ep=4", "parallel.gpus_per_node=2"]),
+        ("ep4_two_hop_4nodes", 4, ["parallel.ep=4", "parallel.gpus_per_node=1"]),
     ],
 )
 def test_losses_match_single_process(reference, tmp_path, name, nproc, args):
@@ -85,7 +88,8 @@ def pipe_reference(tmp_path_factory):
         ("pp2_dp2_ep2_dualpipe", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe"]),
         ("pp2_dp2_ep2_1f1b", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=1f1b"]),
         ("pp2_dp2_dualpipev", 4, ["parallel.pp=2", "parallel.schedule=dualpipev"]),
-        ("pp2_dp4_ep4_dualpipe", 8, ["parallel.pp=2", "parallel.ep=4", "parallel.schedule=dualpipe"]),
+        ("pp2_dp4_ep4_dualpipe_two_hop", 8, ["parallel.pp=2", "parallel.ep=4", "parallel.schedule=dualpipe",
+                                             "parallel.gpus_per_node=2"]),
     ],
 )
 def test_pipeline_losses_match_single_process(pipe_reference, tmp_path, name, nproc, args):
