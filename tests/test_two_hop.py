@@ -191,3 +191,35 @@ def test_prequantized_fp8_linear_equals_fp8_linear():
     torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)
     y.sum().backward()
     assert xd.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.ep=2", "parallel.dispatch=two_hop"], 2, "parallel.dispatch: two_hop needs an EP group of whole nodes"),
+    (["parallel.a2a_dtype=fp4"], 1, "parallel.a2a_dtype: expected auto|fp32|bf16|fp8, got 'fp4'"),
+    (["parallel.dispatch=three_hop"], 1, "parallel.dispatch: expected auto|flat|two_hop"),
+])
+def test_bad_dispatch_config_is_one_named_error_before_any_collective(overrides, world, message):
+    """trainer.validate runs before any process group exists (the CLI prints `error: <message>`)."""
+    from model import ConfigError
+    from tests.helpers import TINY, compose, tiny_model_cfg
+    from trainer.trainer import validate
+
+    cfg = compose(TINY + overrides)
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("(", r"\(")):
+        validate(cfg, tiny_model_cfg(), world)
+
+
+def test_auto_dispatch_and_wire_follow_the_layout():
+    from tests.helpers import TINY, compose, tiny_model_cfg
+    from trainer.trainer import expert_dispatch, validate
+
+    def resolved(overrides, world):
+        cfg = compose(TINY + overrides)
+        layout, _ = validate(cfg, tiny_model_cfg(), world)
+        return expert_dispatch(cfg, tiny_model_cfg(), layout)
+
+    assert resolved(["parallel.ep=4", "parallel.gpus_per_node=2"], 4) == ("two_hop", FP32)
+    assert resolved(["parallel.ep=4"], 4) == ("flat", FP32)  # one 8-GPU node
+    assert resolved(["parallel.expert_nodes=2", "precision=fp8"], 1) == ("two_hop", Wire("fp8", "bf16", "bf16"))
+    assert resolved(["parallel.ep=2", "parallel.gpus_per_node=1", "parallel.dispatch=flat",
+                     "parallel.a2a_dtype=bf16"], 2) == ("flat", Wire("bf16", "bf16", "bf16"))
