@@ -15,6 +15,11 @@ flat/fp32, two_hop/fp32 and two_hop/fp8 (FP8 dispatch, BF16 combine and backward
 
 On CPU the all-to-alls are memory copies between processes, so time ratios say little about a
 cluster's IB/NVLink; the byte counts are exact.
+
+Measured (2-core shared CPU, --tokens 256 --repeats 3): 2 nodes (M=1): inter-node bytes two_hop/flat
+0.254 (8.50 MB → 2.16 MB), intra-node 6.28 → 10.22 MB; 4 nodes (M=2): 0.503 (12.79 → 6.44 MB);
+FP8 dispatch rows / fp32 rows 0.280 (296 vs 1056 bytes incl. 32 bytes of metadata); time
+two_hop/fp8 vs flat/fp32 0.985 and 0.984; planned = measured inter-node bytes in both.
 """
 from __future__ import annotations
 
