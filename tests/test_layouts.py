@@ -110,6 +110,7 @@ def test_pipeline_checkpoint_reshards_to_expert_parallel(pipe_reference, tmp_pat
     _assert_same("reshard", pipe_reference[5:], rows[5:], keys=("loss",))
 
 
+@pytest.mark.timeout(1200)  # three FP8-simulated runs (one with twice the micro-batches)
 def test_fp8_two_hop_matches_single_process_to_the_fp8_floor(tmp_path):
     """precision=fp8 with the paper's payloads (parallel.a2a_dtype=auto: FP8 dispatch, BF16
     combine and backward), ep4 over two 2-GPU nodes (two_hop) against one process that rounds
