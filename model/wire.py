@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from model.fp8 import dequantize_act, quantize_act
+
 A2A_DTYPES = ("auto", "fp32", "bf16", "fp8")
 WIRE_FORMATS = ("fp32", "bf16", "fp8")
 
@@ -58,16 +60,12 @@ def encode(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, ...]:
         return (x.float(),)
     if fmt == "bf16":
         return (x.to(torch.bfloat16),)
-    from model.fp8 import quantize_act
-
     return quantize_act(x)
 
 
 def decode(parts: tuple[torch.Tensor, ...], fmt: str) -> torch.Tensor:
     """Inverse of `encode`, to fp32."""
     if fmt == "fp8":
-        from model.fp8 import dequantize_act
-
         return dequantize_act(*parts)
     return parts[0].float()
 
