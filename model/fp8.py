@@ -74,6 +74,7 @@ __all__ = [
     "dequantize_weight",
     "fp8_backend",
     "fp8_linear",
+    "fp8_linear_prequantized",
     "quantize_act",
     "quantize_weight",
     "set_fp8_backend",
@@ -326,7 +327,7 @@ def _block_to_row_scales(s_blocks: torch.Tensor, rows: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, pow2_scales):
+    def forward(ctx, x, weight, bias, pow2_scales, x_fp8=None):
         if weight.dim() != 2:
             raise FP8ShapeError(f"fp8_linear weight must be 2-D [out, in], got {tuple(weight.shape)}")
         out_f, in_f = weight.shape
@@ -337,8 +338,8 @@ class _FP8LinearFn(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, in_f)
 
-        # Fprop: x 1×128 along `in`, W 128×128 blocks
-        xq, xs = _quantize_lastdim(x2, pow2_scales)  # [T, inP], [T, inP/128]
+        # Fprop: x 1×128 along `in`, W 128×128 blocks (or x's tiles as they came off the wire)
+        xq, xs = _quantize_lastdim(x2, pow2_scales) if x_fp8 is None else _padded_tiles(*x_fp8)
         wq, ws = _quantize_blocks(weight, pow2_scales)  # [outP, inP], [outP/128, inP/128]
         y = _gemm(xq, xs, wq, _block_to_row_scales(ws, wq.shape[0]))[:, :out_f]
         if bias is not None:
@@ -384,7 +385,25 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0).to(ctx.bias_dtype)
 
-        return dx, dw, db, None
+        return dx, dw, db, None, None
+
+
+def _padded_tiles(q: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """quantize_act's (q [T, K], scales) → the GEMM's padded operand [T, ceil(K/128)·128]."""
+    pad = s.shape[-1] * TILE - q.shape[-1]
+    if pad:
+        qp = torch.zeros(q.shape[0], q.shape[1] + pad, dtype=torch.uint8, device=q.device)
+        qp[:, : q.shape[1]] = q.view(torch.uint8)
+        q = qp.view(q.dtype)
+    return q, s.float()
+
+
+def fp8_linear_prequantized(x: torch.Tensor, x_fp8: Tuple[torch.Tensor, torch.Tensor],
+                            weight: torch.Tensor) -> torch.Tensor:
+    """:func:`fp8_linear` whose Fprop takes ``x`` already quantised: ``x_fp8 = quantize_act(x)``
+    (E4M3 [T, in] and scales [T, ⌈in/128⌉], e.g. an FP8 all-to-all payload), with ``x [T, in]`` its
+    dequantised value (for autograd and the Wgrad operand). Saves quantising the same tiles twice."""
+    return _FP8LinearFn.apply(x, weight, None, False, x_fp8)
 
 
 def fp8_linear(

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ConfigError, ModelConfig
-from model.fp8 import fp8_linear
+from model.fp8 import fp8_linear, fp8_linear_prequantized
 from model.layers import MLP
+from model.wire import FP32, Wire, encode_rows, round_trip
 
 
 @dataclass(frozen=True)
@@ -92,18 +93,28 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_local, inter_dim, dim))
         self.fp8 = False
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x [M, dim], rows grouped by local expert (counts[e] rows for expert e) → [M, dim]."""
+    def forward(self, x: torch.Tensor, counts: list[int], x_fp8: Optional[tuple] = None) -> torch.Tensor:
+        """x [M, dim], rows grouped by local expert (counts[e] rows for expert e) → [M, dim].
+
+        x_fp8: x's FP8 tiles (E4M3 [M, dim], scales [M, ⌈dim/128⌉]) when x arrived as an FP8
+        all-to-all payload (x is then their dequantised value): with FP8 experts the w1/w3
+        GEMMs consume them directly instead of quantising x again."""
         linear = fp8_linear if self.fp8 else F.linear
         # unbind once: indexing w[e] per expert would make backward allocate a zero [E, out, in]
         # gradient for every expert; unbind's backward is a single stack.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        tiles = [None] * len(counts)
+        if x_fp8 is not None and self.fp8:
+            tiles = list(zip(torch.split(x_fp8[0], counts), torch.split(x_fp8[1], counts)))
         outs = []
         for e, chunk in enumerate(torch.split(x, counts)):
             if chunk.shape[0] == 0:
                 outs.append(chunk)
                 continue
-            h = F.silu(linear(chunk, w1[e])) * linear(chunk, w3[e])
+            if tiles[e] is not None:
+                h = F.silu(fp8_linear_prequantized(chunk, tiles[e], w1[e])) * fp8_linear_prequantized(chunk, tiles[e], w3[e])
+            else:
+                h = F.silu(linear(chunk, w1[e])) * linear(chunk, w3[e])
             outs.append(linear(h, w2[e]))
         return torch.cat(outs) if outs else x
 
@@ -137,14 +148,53 @@ class Dispatcher(Protocol):
         ...
 
 
+def take_rows(parts: Optional[tuple], index: torch.Tensor) -> Optional[tuple]:
+    """Select rows of every tensor of an encoded payload (None stays None)."""
+    return None if parts is None else tuple(t.index_select(0, index) for t in parts)
+
+
+def node_partials_sum(y: torch.Tensor, weights: torch.Tensor, node_of: torch.Tensor, n_nodes: int,
+                      fmt: str, bwd: str) -> torch.Tensor:
+    """Σ over nodes of (Σ over the token's slots on that node of gate · y, in slot order), each
+    node's partial rounded to the combine wire format — what two_hop's combine computes.
+    y [N, k, dim] (slot order), weights / node_of [N, k]."""
+    parts = []
+    for m in range(n_nodes):
+        w = weights * (node_of == m).to(weights.dtype)
+        parts.append(round_trip((y * w.unsqueeze(-1)).sum(dim=1), fmt, bwd))
+    return torch.stack(parts, dim=1).sum(dim=1)
+
+
 class LocalDispatcher:
-    """All experts live in this process: permute, grouped expert compute, combine."""
+    """All experts live in this process: permute, grouped expert compute, combine.
+
+    With a rounding `wire` (model/wire.py), the rows and the results are rounded where an EP
+    layout would send them: each token's dispatch row once (an FP8 row feeds the experts as is),
+    each expert output, and — under `two_hop` — each node's partial sum (`n_nodes` nodes), so one
+    process computes the same forward values as the EP dispatchers (parallel/dispatch.py,
+    parallel/two_hop.py) with that wire and node count."""
+
+    def __init__(self, wire: Wire = FP32, two_hop: bool = False, n_nodes: int = 1):
+        self.wire, self.two_hop, self.n_nodes = wire, two_hop, n_nodes
 
     def __call__(self, x, ids, weights, experts: Experts):
         order, counts = permute_by_expert(ids, experts.n_local)
-        k = ids.shape[1]
-        y_sorted = experts(x[order // k], counts.tolist())
-        return combine_topk(y_sorted, inverse_permutation(order), weights)
+        n, k = ids.shape
+        if self.wire.exact:
+            y_sorted = experts(x[order // k], counts.tolist())
+            return combine_topk(y_sorted, inverse_permutation(order), weights)
+        wire = self.wire
+        xd, tiles = encode_rows(x, wire.dispatch, wire.backward)
+        rows = order // k
+        y_sorted = experts(xd.index_select(0, rows), counts.tolist(), take_rows(tiles, rows))
+        y_sorted = round_trip(y_sorted, wire.combine, wire.backward)
+        inv = inverse_permutation(order)
+        if not self.two_hop:
+            return combine_topk(y_sorted, inv, weights)
+        y = y_sorted.index_select(0, inv).view(n, k, y_sorted.shape[-1])
+        node_of = ids // (experts.n_local // self.n_nodes)
+        weights = round_trip(weights, "fp32", wire.backward)  # they travel with hop 1: their grads come back
+        return node_partials_sum(y, weights, node_of, self.n_nodes, wire.combine, wire.backward)
 
 
 def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -1,22 +1,25 @@
-"""Token dispatch for the MoE layer: LocalDispatcher (1 process) and AllToAllDispatcher (EP).
+"""Token dispatch for the MoE layer: LocalDispatcher (1 process) and AllToAllDispatcher (EP, flat).
 
 `model/moe.py` owns the Dispatcher protocol, `LocalDispatcher`, `permute_by_expert` and
 `combine_topk`, so that model/ needs nothing from parallel/ (dependencies point one way:
 parallel → model). Dispatcher and LocalDispatcher are re-exported here because this is where the
 dispatchers live in the design map. `AllToAllDispatcher` reuses the same permutation and
 combine_topk, so both dispatchers sum each token's k expert outputs in the same order.
+`parallel.dispatch=two_hop` (parallel/two_hop.py) sends a token once per destination node
+instead; `build_dispatcher` picks one.
 
-Expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP rank::
+Flat expert-parallel dispatch (dropless, uneven all-to-all), per MoE call on every EP rank::
 
     permute_by_expert(ids)            rows sorted by global expert → per-destination slices contiguous
     all_to_all_single(counts)         per-expert counts → send/recv splits, received per-local-expert counts
-    all_to_all_single(x, splits)      dispatch: received rows grouped by (source rank, local expert)
+    exchange(rows, splits)            dispatch: received rows grouped by (source rank, local expert)
     regroup by local expert           second (stable) permutation → experts(x_local, counts_local)
-    undo regroup, all_to_all_single   combine: outputs go back along the reverse splits
+    undo regroup, exchange back       combine: outputs go back along the reverse splits
     combine_topk                      un-permute and Σ_k gate · expert output
 
-Autograd flows through both all-to-alls (`_AllToAll`: the backward is the reverse
-all_to_all_single). `dispatch_async` / `combine_async` return handles with `.wait()` so a
+Rows travel in the `parallel.a2a_dtype` format (model/wire.py; each token encoded once, an FP8
+row is the experts' GEMM input) through parallel/a2a.py's `exchange`, whose backward is the
+reverse exchange. `dispatch_async` / `combine_async` return handles with `.wait()` so a
 pipeline schedule can overlap the exchange with other compute; `__call__` is their composition.
 
 Every rank of the EP group must call the dispatcher the same number of times in the same order
@@ -33,104 +36,87 @@ import torch.distributed as dist
 from torch import nn
 
 from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, in_recompute,
-                       inverse_permutation, permute_by_expert)
+                       inverse_permutation, permute_by_expert, take_rows)
+from model.wire import FP32, Wire, encode, encode_rows
+from parallel.a2a import Pending, Route, exchange, exchange_counts
 from parallel.grads import group_size
+from parallel.two_hop import TwoHopDispatcher
 
 __all__ = [
     "AllToAllDispatcher", "Dispatcher", "LocalDispatcher", "DispatchHandle", "CombineHandle", "Dispatched",
     "shard_experts", "apply_expert_parallel", "global_expert_load",
 ]
 
-STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_inter_node_two_hop",
-             "a2a_bytes_inter_node_flat_own", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
-
-
-class _AllToAll(torch.autograd.Function):
-    """Uneven all_to_all_single along dim 0; backward is the reverse exchange.
-
-    With `works` (a list) the forward is issued with async_op=True and its Work appended: the
-    returned tensor is valid only after `works[-1].wait()`. The backward is synchronous.
-    """
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, works):
-        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group,
-                                      async_op=works is not None)
-        if works is not None:
-            works.append(work)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_in = grad.new_empty((sum(ctx.in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(grad_in, grad.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
-        return grad_in, None, None, None, None
+STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_dispatch_inter_node",
+             "a2a_bytes_dispatch_intra_node", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
+DISPATCH_MODES = ("auto", "flat", "two_hop")
 
 
 @dataclass
 class Dispatched:
-    """Tokens received by this rank, grouped by local expert: run `experts(x, counts)` on them."""
+    """Tokens received by this rank, grouped by local expert: run `compute(experts)` on them."""
 
     x: torch.Tensor  # [M, dim] rows grouped by local expert
     counts: list[int]  # rows per local expert
+    x_fp8: Optional[tuple]  # x's FP8 tiles when the dispatch format is fp8 (the experts' GEMM input)
     # bookkeeping for combine
     inv_order: torch.Tensor  # inverse of permute_by_expert's order
     weights: torch.Tensor
-    send_splits: list[int]
-    recv_splits: list[int]
+    route: Route
     regroup: Optional[torch.Tensor]  # received rows → grouped by local expert (None = identity)
     ungroup: Optional[torch.Tensor]  # its inverse
     t_issue: float = 0.0
 
+    def compute(self, experts: Experts) -> torch.Tensor:
+        return experts(self.x, self.counts, self.x_fp8)
+
 
 class DispatchHandle:
-    def __init__(self, dispatcher: "AllToAllDispatcher", work, x_recv: torch.Tensor, state: Dispatched):
-        self._dispatcher, self._work, self._x_recv, self._state = dispatcher, work, x_recv, state
+    def __init__(self, dispatcher: "AllToAllDispatcher", pending: Pending, state: Dispatched):
+        self._dispatcher, self._pending, self._state = dispatcher, pending, state
+        self._done = False
 
     def wait(self) -> Dispatched:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
         s = self._state
-        s.x = self._x_recv if s.regroup is None else self._x_recv.index_select(0, s.regroup)
-        self._dispatcher._add_time(time.perf_counter() - s.t_issue)
+        if not self._done:
+            x_recv, _, parts, _ = self._pending.wait()
+            s.x = x_recv if s.regroup is None else x_recv.index_select(0, s.regroup)
+            if self._dispatcher.wire.dispatch == "fp8":
+                s.x_fp8 = parts if s.regroup is None else take_rows(parts, s.regroup)
+            self._dispatcher._add_time(time.perf_counter() - s.t_issue)
+            self._done = True
         return s
 
 
 class CombineHandle:
-    def __init__(self, dispatcher: "AllToAllDispatcher", work, y_sorted: torch.Tensor, state: Dispatched, t0: float):
-        self._dispatcher, self._work, self._y, self._state, self._t0 = dispatcher, work, y_sorted, state, t0
+    def __init__(self, dispatcher: "AllToAllDispatcher", pending: Pending, state: Dispatched, t0: float):
+        self._dispatcher, self._pending, self._state, self._t0 = dispatcher, pending, state, t0
 
     def wait(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
+        y_sorted = self._pending.wait()[0]
         self._dispatcher._add_time(time.perf_counter() - self._t0)
-        return combine_topk(self._y, self._state.inv_order, self._state.weights)
+        return combine_topk(y_sorted, self._state.inv_order, self._state.weights)
 
 
 class AllToAllDispatcher:
-    """Expert-parallel dispatcher: sends each (token, expert) row to the EP rank owning the expert.
+    """Expert-parallel dispatcher, `parallel.dispatch=flat`: sends each (token, expert) row to the
+    EP rank owning the expert in one all-to-all (parallel/two_hop.py: the two-hop variant).
 
     ep_group: the EP process group (None or size 1 → no communication, same arithmetic).
     n_experts: routed experts in total; rank i owns experts [i·n_local, (i+1)·n_local).
     gpus_per_node: a node is that many consecutive EP ranks (for the byte accounting).
+    wire: formats of the dispatch / combine rows and of the backward exchanges (model/wire.py).
 
     `stats` (read and reset per step by the trainer via `reset_stats()`), forward only — the
-    backward moves the same bytes again in the opposite direction:
-      a2a_bytes_intra_node / a2a_bytes_inter_node: bytes this rank SENT (dispatch + combine) to
-        EP ranks on its own node (self included) / on other nodes; their sum is all bytes sent.
-      a2a_bytes_inter_node_flat_own / a2a_bytes_inter_node_two_hop: inter-node bytes caused by
-        THIS rank's tokens (dispatch out + combine back) under the flat scheme (one row per
-        remote (token, expert)) vs a two-hop scheme (one row per remote (token, node), fanned out
-        inside the node). Summed over the EP group, flat_own equals the summed inter-node bytes.
+    backward moves the same rows again in the opposite direction, in `wire.backward` format:
+      a2a_bytes_intra_node / a2a_bytes_inter_node: bytes this rank SENT (dispatch + combine,
+        payload + metadata, as packed by parallel/a2a.py) to EP ranks on its own node / on other
+        nodes (rows for itself are not sent); a2a_bytes_dispatch_*: the dispatch part.
       a2a_rows_sent, a2a_calls, a2a_seconds (host wall time from issue to wait; on CUDA only
         meaningful with synchronous calls).
     """
 
-    def __init__(self, ep_group: Any, n_experts: int, gpus_per_node: int = 8):
+    def __init__(self, ep_group: Any, n_experts: int, gpus_per_node: int = 8, wire: Wire = FP32):
         self.group = ep_group
         self.ep = dist.get_world_size(ep_group) if ep_group is not None else 1
         self.ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
@@ -140,6 +126,7 @@ class AllToAllDispatcher:
         self.gpus_per_node = gpus_per_node
         self.node = self.ep_rank // gpus_per_node
         self.n_nodes = -(-self.ep // gpus_per_node)
+        self.wire = wire
         self.stats: dict[str, float] = {}
         self.reset_stats()
 
@@ -155,29 +142,17 @@ class AllToAllDispatcher:
         if not in_recompute():
             self.stats["a2a_seconds"] += dt
 
-    def _record(self, ids: torch.Tensor, send_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
+    def _count(self, route: Route, dispatch: bool) -> None:
         if in_recompute():
             return
-        st = self.stats
-        intra = inter = 0
-        for r in range(self.ep):
-            b = (send_splits[r] + recv_splits[r]) * row_bytes
-            if r // self.gpus_per_node == self.node:
-                intra += b
-            else:
-                inter += b
-        st["a2a_bytes_intra_node"] += intra
-        st["a2a_bytes_inter_node"] += inter
-        st["a2a_rows_sent"] += sum(send_splits) + sum(recv_splits)
-        st["a2a_calls"] += 1
-        if self.n_nodes > 1 and ids.numel():
-            node_of = ids // (self.n_local * self.gpus_per_node)  # [N, k] destination node
-            remote = node_of != self.node
-            st["a2a_bytes_inter_node_flat_own"] += 2 * int(remote.sum()) * row_bytes
-            hit = torch.zeros(ids.shape[0], self.n_nodes, dtype=torch.bool, device=ids.device)
-            hit.scatter_(1, node_of, True)
-            hit[:, self.node] = False
-            st["a2a_bytes_inter_node_two_hop"] += 2 * int(hit.sum()) * row_bytes
+        st, b = self.stats, route.bytes_sent
+        st["a2a_bytes_inter_node"] += b["inter"]
+        st["a2a_bytes_intra_node"] += b["intra"]
+        if dispatch:
+            st["a2a_bytes_dispatch_inter_node"] += b["inter"]
+            st["a2a_bytes_dispatch_intra_node"] += b["intra"]
+            st["a2a_calls"] += 1
+        st["a2a_rows_sent"] += sum(n for p, n in enumerate(route.send) if p != route.me)
 
     # ----- the exchange -----
     def _check(self, experts: Experts) -> None:
@@ -194,13 +169,13 @@ class AllToAllDispatcher:
         t0 = time.perf_counter()
         n, k = ids.shape
         ep, nl = self.ep, self.n_local
+        fmt = self.wire.dispatch
         order, counts = permute_by_expert(ids, self.n_experts)
-        x_sorted = x.index_select(0, order // k)
-        if ep > 1:
-            recv_counts = torch.empty_like(counts)
-            dist.all_to_all_single(recv_counts, counts, group=self.group)
-        else:
-            recv_counts = counts
+        rows = order // k
+        xd, tiles = encode_rows(x, fmt, "fp32")  # each token encoded once
+        x_sorted = xd.index_select(0, rows)
+        parts = take_rows(tiles, rows) if tiles is not None else encode(x_sorted, fmt)
+        recv_counts = exchange_counts(counts, self.group if ep > 1 else None)
         rc = recv_counts.view(ep, nl)  # [source rank, local expert]
         send_splits = counts.view(ep, nl).sum(1).tolist()
         recv_splits = rc.sum(1).tolist()
@@ -210,32 +185,50 @@ class AllToAllDispatcher:
             local_id = torch.arange(nl, device=ids.device).repeat(ep).repeat_interleave(rc.flatten())
             regroup = torch.argsort(local_id, stable=True)
             ungroup = inverse_permutation(regroup)
-        state = Dispatched(x=x_sorted, counts=counts_local, inv_order=inverse_permutation(order), weights=weights,
-                           send_splits=send_splits, recv_splits=recv_splits, regroup=regroup, ungroup=ungroup,
-                           t_issue=t0)
-        self._record(ids, send_splits, recv_splits, x.shape[-1] * x.element_size())
-        if ep == 1:
-            return DispatchHandle(self, None, x_sorted, state)
-        works: list = []
-        x_recv = _AllToAll.apply(x_sorted, recv_splits, send_splits, self.group, works)
-        return DispatchHandle(self, works[0], x_recv, state)
+        route = Route(send_splits, recv_splits, self.group if ep > 1 else None, self.ep_rank,
+                      [r // self.gpus_per_node != self.node for r in range(ep)], self.wire.backward)
+        pending = exchange(x_sorted, parts, fmt, route, async_op=True)
+        self._count(route, dispatch=True)
+        state = Dispatched(x=x_sorted, counts=counts_local, x_fp8=None, inv_order=inverse_permutation(order),
+                           weights=weights, route=route, regroup=regroup, ungroup=ungroup, t_issue=t0)
+        return DispatchHandle(self, pending, state)
 
     def combine_async(self, d: Dispatched, y_local: torch.Tensor) -> CombineHandle:
         """Send expert outputs (rows grouped as in `d.x`) back to the tokens' ranks."""
         t0 = time.perf_counter()
+        fmt = self.wire.combine
         y_recv = y_local
         if d.ungroup is not None:
             y_recv = y_local.index_select(0, d.ungroup)  # undo the regroup
-        if self.ep == 1:
-            return CombineHandle(self, None, y_recv, d, t0)
-        works: list = []
-        y_sorted = _AllToAll.apply(y_recv, d.send_splits, d.recv_splits, self.group, works)
-        return CombineHandle(self, works[0], y_sorted, d, t0)
+        route = d.route.reverse()
+        pending = exchange(y_recv, encode(y_recv, fmt), fmt, route, async_op=True)
+        self._count(route, dispatch=False)
+        return CombineHandle(self, pending, d, t0)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:
         d = self.dispatch_async(x, ids, weights, experts).wait()
-        y_local = experts(d.x, d.counts)
-        return self.combine_async(d, y_local).wait()
+        return self.combine_async(d, d.compute(experts)).wait()
+
+
+def build_dispatcher(mode: str, groups: tuple, n_experts: int, gpus_per_node: int, wire: Wire = FP32):
+    """The EP dispatcher of `parallel.dispatch` (`flat` | `two_hop`) over groups
+    (ep_group, ep_inter_group, ep_intra_group)."""
+    ep_group, inter, intra = groups
+    if mode == "two_hop":
+        return TwoHopDispatcher(ep_group, inter, intra, n_experts, gpus_per_node, wire)
+    if mode != "flat":
+        raise ValueError(f"parallel.dispatch: expected flat|two_hop, got {mode!r}")
+    return AllToAllDispatcher(ep_group, n_experts, gpus_per_node, wire)
+
+
+def resolve_dispatch(mode: str, n_nodes: int) -> str:
+    """`parallel.dispatch=auto` → two_hop when the EP group (or, in one process, the expert node
+    count) spans more than one node, else flat."""
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"parallel.dispatch: expected {'|'.join(DISPATCH_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "two_hop" if n_nodes > 1 else "flat"
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,9 +298,16 @@ def shard_experts(
 
 
 def apply_expert_parallel(model: nn.Module, topo: Any, *, source: Optional[nn.Module] = None,
-                          dispatcher: Optional[AllToAllDispatcher] = None) -> AllToAllDispatcher:
-    """shard_experts with the coordinates and EP group of a Topology."""
-    return shard_experts(model, topo.ep_rank, topo.ep, topo.ep_group, topo.gpus_per_node,
+                          dispatcher: Optional[AllToAllDispatcher] = None, mode: str = "flat",
+                          wire: Wire = FP32, groups: Optional[tuple] = None):
+    """shard_experts with the coordinates and EP groups of a Topology; `mode` (flat | two_hop)
+    and `wire` choose the dispatcher unless one is given; `groups` = (ep, inter, intra) groups
+    to use instead of the topology's own (a second DualPipe chunk)."""
+    if dispatcher is None:
+        groups = groups or (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group)
+        n_experts = next(iter(_moe_layers(model).values())).n_experts
+        dispatcher = build_dispatcher(mode, groups, n_experts, topo.gpus_per_node, wire)
+    return shard_experts(model, topo.ep_rank, topo.ep, dispatcher.group, topo.gpus_per_node,
                          source=source, dispatcher=dispatcher)
 
 

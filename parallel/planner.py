@@ -84,6 +84,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
+from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
@@ -777,18 +778,25 @@ class ChunkTime:
     b_comm: float
 
 
-def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, bytes_per_elem: float) -> float:
-    """One all-to-all (dispatch or combine) of `tokens` tokens' hidden states, per rank."""
+def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, precision: str) -> tuple:
+    """(dispatch, combine) seconds of one MoE layer's two_hop all-to-all of `tokens` tokens per
+    rank: the bytes come from parallel/a2a_bytes.py, the formula the runtime's counts obey."""
     if lay.ep <= 1:
-        return 0.0
+        return 0.0, 0.0
+    from model.wire import resolve_wire  # torch-backed (the payload formats)
+
     d, k = cfg.dim, cfg.n_activated_experts
     n_nodes = lay.n_nodes_ep
     g = min(lay.gpus_per_node, lay.ep)
     m = min(cfg.max_nodes_per_token or n_nodes, n_nodes)
-    remote = m * (1 - 1 / n_nodes) if n_nodes > 1 else 0.0
-    ib = tokens * remote * d * bytes_per_elem / (hw.ib_gbps * GB)
-    nvl = tokens * k * (g - 1) / g * d * bytes_per_elem / (hw.nvlink_gbps * GB)
-    return max(ib, nvl)
+    remote = m * (1 - 1 / n_nodes) if n_nodes > 1 else 0.0  # expected remote nodes per token
+    on_other_gpus = k * (g - 1) / g
+    wire = resolve_wire("auto", precision)
+    b = two_hop_forward_bytes(tokens * remote, tokens * on_other_gpus, tokens * on_other_gpus, d, k,
+                              wire.dispatch, wire.combine)
+    ib, nvl = hw.ib_gbps * GB, hw.nvlink_gbps * GB
+    return (max(b["dispatch_inter"] / ib, b["dispatch_intra"] / nvl),
+            max(b["combine_inter"] / ib, b["combine_intra"] / nvl))
 
 
 def chunk_time(cfg, parts: List[Part], lay: PlanLayout, recipe: Recipe, hw: Hardware,
@@ -812,8 +820,7 @@ def chunk_time(cfg, parts: List[Part], lay: PlanLayout, recipe: Recipe, hw: Hard
     w = tokens * gemm
     b = tokens * (gemm + 2 * attn + recompute) + w
     n_moe = sum(p.n_moe for p in parts)
-    dispatch = _a2a_seconds(cfg, lay, hw, tokens, num.gemm_in if num.lp_gemms else num.act)
-    combine = _a2a_seconds(cfg, lay, hw, tokens, max(num.act, 2.0) if recipe.precision != "fp32" else 4.0)
+    dispatch, combine = _a2a_seconds(cfg, lay, hw, tokens, recipe.precision)
     return ChunkTime(f_comp=f, b_comp=b, w_comp=w, f_comm=n_moe * (dispatch + combine),
                      b_comm=n_moe * 2 * combine)
 

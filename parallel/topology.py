@@ -20,6 +20,8 @@ nodes). Inside the dp ranks of one stage:
   the same two stages); for odd pp the middle stage pairs with itself.
 - A "node" is ``gpus_per_node`` consecutive EP ranks; an EP group spans
   ``n_nodes_ep = ceil(ep / gpus_per_node)`` nodes (the unit of node-limited routing).
+- EP inter-node group: the ranks of one EP group with the same local index on every node; EP
+  intra-node group: one node's ranks of an EP group (the two hops of two_hop dispatch).
 
 `validate_layout` is a pure function and raises `LayoutError` naming the offending key; call it
 (or `init_distributed`, which does) BEFORE any process group exists, so a bad layout never
@@ -92,6 +94,22 @@ class Layout:
         return [[self.rank_of(p, e * self.ep + i) for e in range(self.edp)]
                 for p in range(self.pp) for i in range(self.ep)]
 
+    @property
+    def ep_gpus(self) -> int:
+        """EP ranks per node inside an EP group (the whole group when it fits in one node)."""
+        return min(self.gpus_per_node, self.ep)
+
+    def ep_inter_groups(self) -> list[list[int]]:
+        """Per EP group and local index l: the ranks with local index l on each of its nodes (the
+        inter-node hop of two_hop dispatch)."""
+        g = self.ep_gpus
+        return [[grp[node * g + l] for node in range(self.ep // g)] for grp in self.ep_groups() for l in range(g)]
+
+    def ep_intra_groups(self) -> list[list[int]]:
+        """Per EP group and node: that node's ranks of the group (the intra-node hop)."""
+        g = self.ep_gpus
+        return [grp[node * g:(node + 1) * g] for grp in self.ep_groups() for node in range(self.ep // g)]
+
     def stage_pair_groups(self) -> list[list[int]]:
         out = []
         for d in range(self.dp):
@@ -100,7 +118,7 @@ class Layout:
         return out
 
     def group_of(self, kind: str, rank: int) -> list[int]:
-        """The ranks of `rank`'s group of `kind` (pp | dp | ep | edp | stage_pair)."""
+        """The ranks of `rank`'s group of `kind` (pp | dp | ep | ep_inter | ep_intra | edp | stage_pair)."""
         groups = getattr(self, f"{kind}_groups")()
         return next(g for g in groups if rank in g)
 
@@ -187,7 +205,8 @@ class Topology:
 
     Coordinates: pp_rank, dp_rank, ep_rank, edp_rank, ep_node. Groups (None when
     torch.distributed is not initialised, e.g. a single-process run): pp_group, dp_group,
-    ep_group, edp_group, stage_pair_group; `mesh` is the DeviceMesh ("pp", "dp").
+    ep_group, ep_inter_group / ep_intra_group (ep > 1: the two hops of two_hop dispatch),
+    edp_group, stage_pair_group; `mesh` is the DeviceMesh ("pp", "dp").
     Pipeline neighbours (global ranks, None at the ends): pp_prev_rank, pp_next_rank;
     stage_pair_rank is the DualPipe partner (pipeline index pp−1−pp_rank, same dp index).
     Pass build_groups=False for coordinates only (no collectives).
@@ -207,6 +226,8 @@ class Topology:
     pp_group: Any = field(init=False, default=None)
     dp_group: Any = field(init=False, default=None)
     ep_group: Any = field(init=False, default=None)
+    ep_inter_group: Any = field(init=False, default=None)
+    ep_intra_group: Any = field(init=False, default=None)
     edp_group: Any = field(init=False, default=None)
     stage_pair_group: Any = field(init=False, default=None)
     _background_group: Any = field(init=False, default=None, repr=False)
@@ -260,6 +281,9 @@ class Topology:
         self.dp_group = self.new_group_of(self.layout.dp_groups())
         build = self.new_group_of
         self.ep_group = build(self.layout.ep_groups())
+        if self.ep > 1:  # the two hops of two_hop dispatch
+            self.ep_inter_group = build(self.layout.ep_inter_groups())
+            self.ep_intra_group = build(self.layout.ep_intra_groups())
         self.edp_group = build(self.layout.edp_groups())
         self.stage_pair_group = build(self.layout.stage_pair_groups())
 
@@ -284,6 +308,13 @@ class Topology:
         if self._background_group is None and dist.is_available() and dist.is_initialized():
             self._background_group = dist.new_group(backend="gloo", timeout=self.timeout)
         return self._background_group
+
+    def new_ep_groups(self) -> tuple:
+        """A fresh (ep, ep_inter, ep_intra) triple of groups over the same ranks (collective over
+        the default group: every rank calls it in the same order), for a second model chunk whose
+        all-to-alls may run concurrently with the first's (DualPipe)."""
+        return (self.new_group_of(self.layout.ep_groups()), self.new_group_of(self.layout.ep_inter_groups()),
+                self.new_group_of(self.layout.ep_intra_groups()))
 
     # ----- convenience -----
     @property

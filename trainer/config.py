@@ -23,6 +23,13 @@ class ParallelConfig:
     # (model.max_nodes_per_token). 0 = ep / gpus_per_node of this layout. Set it explicitly to
     # give a smaller layout (e.g. one process) exactly the routing of a larger one.
     expert_nodes: int = 0
+    # Expert all-to-all: flat (one all-to-all per (token, expert)) | two_hop (once per destination
+    # node over the inter-node link, then inside the node) | auto (two_hop when the EP group
+    # spans several nodes). parallel/dispatch.py, parallel/two_hop.py
+    dispatch: str = "auto"
+    # Payload format: auto (precision=fp8: FP8 dispatch, BF16 combine and backward; else the
+    # activation dtype) | fp32 | bf16 | fp8 (dispatch; combine and backward BF16). model/wire.py
+    a2a_dtype: str = "auto"
     layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)

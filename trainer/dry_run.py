@@ -31,7 +31,7 @@ from parallel.planner import rank_activation_bytes
 from parallel.topology import Topology
 from parallel.zero import build_optimizer
 from trainer.precision import apply_precision
-from trainer.trainer import build_modules, expert_nodes, plan_stages, schedules, validate
+from trainer.trainer import build_modules, expert_dispatch, expert_nodes, plan_stages, schedules, validate
 
 WORLD_ENV = "DSV3_DRY_RUN_WORLD"
 
@@ -76,7 +76,7 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
     try:
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
-                                device=torch.device("meta"))
+                                *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"))
         for m in modules:
             apply_precision(m, cfg.precision, "cpu")
             set_recompute(m, cfg.train.recompute)

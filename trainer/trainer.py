@@ -19,8 +19,9 @@ from omegaconf import OmegaConf
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.config import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
-from model.moe import ExpertPlacement
-from parallel.dispatch import AllToAllDispatcher
+from model.moe import ExpertPlacement, LocalDispatcher
+from model.wire import FP32, Wire, resolve_wire
+from parallel.dispatch import build_dispatcher, resolve_dispatch
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
 from parallel.pipeline import SCHEDULES, get_schedule
 from parallel.pipeline.runtime import PipelineEngine
@@ -73,6 +74,7 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     parse_signals(cfg.checkpoint.preemption_signals)
     FaultPlan(cfg.debug.faults, rank=0)  # a malformed debug.faults entry is a named error now
     expert_nodes(cfg, model_cfg, layout)
+    expert_dispatch(cfg, model_cfg, layout)
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
         raise ConfigError(
@@ -105,6 +107,23 @@ def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
     return n
 
 
+def expert_dispatch(cfg, model_cfg: ModelConfig, layout: Layout):
+    """(`parallel.dispatch` resolved to flat | two_hop, the a2a Wire of `parallel.a2a_dtype`).
+    auto = two_hop when the EP group spans several nodes (one process: when the experts are
+    split into several node-groups, so that it rounds like that layout)."""
+    p = cfg.parallel
+    try:
+        wire = resolve_wire(p.a2a_dtype, cfg.precision)
+        nodes = layout.n_nodes_ep if layout.ep > 1 else expert_nodes(cfg, model_cfg, layout)
+        mode = resolve_dispatch(p.dispatch, nodes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if mode == "two_hop" and layout.ep > 1 and layout.ep % layout.gpus_per_node:
+        raise ConfigError(f"parallel.dispatch: two_hop needs an EP group of whole nodes; parallel.ep={layout.ep} "
+                          f"is not a multiple of parallel.gpus_per_node={layout.gpus_per_node} (use flat)")
+    return mode, wire
+
+
 def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     """(schedule, layer split) for pp > 1, else (None, None); the schedule of every other global
     batch of a ramp is built (and checked) too. Pure: runs before any collective."""
@@ -121,18 +140,25 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers, **recipe)
 
 
-def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, device=None) -> list[DeepSeekV3]:
+def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: str = "flat", wire: Wire = FP32,
+                  device=None) -> list[DeepSeekV3]:
     """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
     experts and their dispatcher(s) and the node count; uninitialised, on `device` (None: the
     default; the dry run builds on "meta")."""
     n_experts = mcfg.n_routed_experts
     experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
+    # every expert in process, rounded as the configured EP layout would send it
+    local = LocalDispatcher(wire, mode == "two_hop", n_nodes)
     if schedule is None:
-        dispatcher = AllToAllDispatcher(topo.ep_group, n_experts, topo.gpus_per_node) \
-            if topo is not None and topo.ep > 1 else None
+        if topo is not None and topo.ep > 1:
+            groups = (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group)
+            dispatcher = build_dispatcher(mode, groups, n_experts, topo.gpus_per_node, wire)
+        else:
+            dispatcher = local
         with torch.device(device) if device is not None else contextlib.nullcontext():
             return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
-    dispatchers = stage_dispatchers(topo, len(schedule.placement[topo.pp_rank]), n_experts)
+    n_chunks = len(schedule.placement[topo.pp_rank])
+    dispatchers = stage_dispatchers(topo, n_chunks, n_experts, mode, wire) or [local] * n_chunks
     return build_stage_modules(mcfg, schedule, topo.pp_rank, split=split, device=device, experts=experts,
                                dispatchers=dispatchers)
 
@@ -148,6 +174,7 @@ class Trainer:
         self.schedules, self.steps = schedules(cfg, self.layout, self.model_cfg)
         self._pipeline_schedules = {self.n_micro: self.schedule}
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
+        self.dispatch_mode, self.wire = expert_dispatch(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if cfg.train.eval_every:
             self.data.windows("val")  # DataError now if there is no held-out split
@@ -177,7 +204,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
-        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes)
+        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode, self.wire)
         autocast = None
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values

@@ -28,8 +28,9 @@ import torch
 from model.config import ConfigError, ModelConfig
 from model.moe import ExpertPlacement
 from model.transformer import DeepSeekV3
+from model.wire import FP32, Wire
 from parallel import planner
-from parallel.dispatch import AllToAllDispatcher, shard_experts
+from parallel.dispatch import build_dispatcher, shard_experts
 
 from . import get_schedule
 from .schedule import Schedule
@@ -105,31 +106,34 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     return modules
 
 
-def stage_dispatchers(topo, n_chunks: int, n_experts: int) -> list:
-    """One AllToAllDispatcher per chunk of this rank (call on EVERY rank; [] when ep == 1: the
-    LocalDispatcher runs every expert in process).
+def stage_dispatchers(topo, n_chunks: int, n_experts: int, mode: str = "flat", wire: Wire = FP32) -> list:
+    """One expert-parallel dispatcher (`parallel.dispatch` mode: flat | two_hop, payload `wire`)
+    per chunk of this rank (call on EVERY rank; [] when ep == 1: the LocalDispatcher runs every
+    expert in process).
 
-    Chunk 0 uses ``topo.ep_group``; every further chunk gets its OWN EP process group over the
-    same ranks (built here with ``topo.new_group_of`` for every EP group, in the same order on all
-    ranks: a collective over the default group). DualPipe's FB pairs run a forward on one chunk
-    concurrently with a backward on the other; with one group per chunk their all-to-alls never
-    interleave on a single communicator, and each group sees the same collective order on every
-    EP rank (the order of the schedule's actions on that chunk)."""
+    Chunk 0 uses the topology's EP groups (``ep_group`` and, for two_hop, ``ep_inter_group`` /
+    ``ep_intra_group``); every further chunk gets its OWN groups over the same ranks (built here
+    with ``topo.new_ep_groups``, in the same order on all ranks: a collective over the default
+    group). DualPipe's FB pairs run a forward on one chunk concurrently with a backward on the
+    other; with one set of groups per chunk their all-to-alls never interleave on a single
+    communicator, and each group sees the same collective order on every EP rank (the order of
+    the schedule's actions on that chunk)."""
     if topo.ep == 1:
         return []
     dispatchers = []
     for c in range(n_chunks):
-        group = topo.ep_group if c == 0 else topo.new_group_of(topo.layout.ep_groups())
-        dispatchers.append(AllToAllDispatcher(group, n_experts, topo.gpus_per_node))
+        groups = (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group) if c == 0 else topo.new_ep_groups()
+        dispatchers.append(build_dispatcher(mode, groups, n_experts, topo.gpus_per_node, wire))
     return dispatchers
 
 
-def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
+def shard_stage_experts(modules: Sequence[DeepSeekV3], topo, mode: str = "flat", wire: Wire = FP32) -> list:
     """Expert-parallel sharding of already built (full) stage modules, one ``stage_dispatchers``
     dispatcher per chunk (call on EVERY rank, before ``init_weights`` and before building the
     optimizer). Training builds the modules sharded instead (``build_stage_modules(experts=...,
     dispatchers=...)``); this converts full modules, as tests do. Returns the dispatchers."""
-    dispatchers = stage_dispatchers(topo, len(modules), modules[0].cfg.n_routed_experts if modules else 0)
+    dispatchers = stage_dispatchers(topo, len(modules), modules[0].cfg.n_routed_experts if modules else 0,
+                                    mode, wire)
     for m, disp in zip(modules, dispatchers):
         shard_experts(m, topo.ep_rank, topo.ep, disp.group, topo.gpus_per_node, dispatcher=disp)
     return dispatchers

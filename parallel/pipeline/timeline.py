@@ -185,7 +185,7 @@ class TimedDispatcher:
         t0 = time.perf_counter()
         d = self.inner.dispatch_async(x, ids, weights, experts).wait()
         t1 = time.perf_counter()
-        y = experts(d.x, d.counts)
+        y = d.compute(experts)
         t2 = time.perf_counter()
         out = self.inner.combine_async(d, y).wait()
         t3 = time.perf_counter()
