@@ -21,7 +21,7 @@ from model.transformer import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
 from parallel.grads import clip_grads_, count_bytes
 from parallel.topology import Layout, validate_for_model
-from parallel.zero import build_optimizer
+from parallel.zero import MOMENT_DTYPES, build_optimizer, moment_dtype_for
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.engine import LocalEngine
@@ -49,6 +49,8 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.optim.moment_dtype not in ("auto", *MOMENT_DTYPES):
+        raise ConfigError(f"optim.moment_dtype: expected auto|{'|'.join(MOMENT_DTYPES)}, got {cfg.optim.moment_dtype!r}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
     if t.eval_every < 0:
@@ -151,7 +153,8 @@ class Trainer:
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
         t = cfg.train
-        self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
+        self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero,
+                                         moment_dtype=moment_dtype_for(cfg.optim.moment_dtype, cfg.precision))
         self.param_bytes = count_bytes(p for _, p in self.engine.named_parameters())
         self.ema = None
         if t.ema_decay > 0:
@@ -179,7 +182,7 @@ class Trainer:
         for m in self.modules:  # two DualPipe stages on one rank: disjoint names, one shared embedding
             state.update(ckpt.model_state(m))
             named_modules.update(dict(m.named_modules()))
-        state.update(ckpt.optimizer_state(named_modules, self.optimizer.owned()))
+        state.update(ckpt.optimizer_state(named_modules, self.optimizer.shards()))
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
             state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), named_modules).items()})
         return state
@@ -343,6 +346,7 @@ class Trainer:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
                 lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), aux, *a2a])
+                memory = self._memory_bytes()
                 # losses: summed over the ranks of each replica (contract of forward_backward), then
                 # averaged over the DP replicas; a2a bytes: the total over all ranks
                 lm, mtp, aux = lm / self.layout.dp, mtp / self.layout.dp, aux / self.layout.dp
@@ -355,7 +359,7 @@ class Trainer:
                         val = self.evaluate()
                 if sink is not None:
                     sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
-                                       **a2a, **val},
+                                       **a2a, **memory, **val},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
                 saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
                 if saved:
@@ -387,10 +391,21 @@ class Trainer:
             "mfu": mfu,
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
-            "param_bytes": self.param_bytes,
-            "optimizer_state_bytes": self.optimizer.state_bytes(),
             "peak_memory_bytes": peak_memory_bytes(self.device),
         }
+
+    def _memory_bytes(self) -> dict:
+        """param/grad/optimizer-state bytes of this rank (rank 0's are the plain keys) and their
+        max and min over all ranks (one all-reduce: MAX of the values and of their negatives)."""
+        mine = {"param_bytes": self.param_bytes, "grad_bytes": self.optimizer.grad_bytes,
+                "optimizer_state_bytes": self.optimizer.state_bytes()}
+        t = torch.tensor([*mine.values(), *(-v for v in mine.values())], dtype=torch.float64)
+        if self.topo is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out = dict(mine)
+        for k, (hi, lo) in zip(mine, zip(t[:len(mine)].tolist(), t[len(mine):].tolist())):
+            out[f"{k}_max"], out[f"{k}_min"] = int(hi), int(-lo)
+        return out
 
     @staticmethod
     def _per_layer_load(loads) -> dict:
