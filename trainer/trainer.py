@@ -26,7 +26,7 @@ from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.engine import LocalEngine
 from trainer.lr import lr_at
-from trainer.precision import apply_precision, check_precision
+from trainer.precision import LiveSavedActivations, apply_precision, check_precision, metered
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
 
@@ -142,6 +142,8 @@ class Trainer:
             m.to(self.device)
             autocast = apply_precision(m, cfg.precision, self.device)
             set_recompute(m, cfg.train.recompute)
+        self.activations = LiveSavedActivations(exclude=modules)  # saved_activation_bytes
+        autocast = metered(autocast, self.activations)
         if self.schedule is None:
             self.engine = LocalEngine(modules[0], self.topo)
             self.autocast = autocast
@@ -324,6 +326,7 @@ class Trainer:
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self.activations.reset()
                 with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step), self.autocast():
                     losses = self.engine.forward_backward(self._micro_batches(step))
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
@@ -392,6 +395,7 @@ class Trainer:
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "saved_activation_bytes": self.activations.peak,
         }
 
     def _memory_bytes(self) -> dict:
