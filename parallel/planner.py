@@ -957,6 +957,9 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         ranks.append({
             "rank": r, "stages": list(held), "layers": " | ".join(_layer_range(stages[s]) for s in held),
             "params_b": rb["param_count"] / 1e9,
+            # bytes, as the trainer's metrics.jsonl names them (optimizer: the DP group's fullest rank)
+            "param_bytes": rb["param_bytes"], "grad_bytes": rb["grad_bytes"],
+            "optimizer_state_bytes": rb["optimizer_state_bytes"], "saved_activation_bytes": int(act + transient),
             "params_gb": rb["param_bytes"] / GB, "grads_gb": rb["grad_bytes"] / GB,
             "optimizer_gb": rb["optimizer_state_bytes"] / GB,
             "activations_gb": (act + transient) / GB, "live_microbatches": live,

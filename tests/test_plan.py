@@ -134,6 +134,9 @@ def test_memory_breakdown_arithmetic(v3, plan_2048):
     x = plan_2048["per_rank"][5]
     assert x["params_gb"] == pytest.approx(rb["param_bytes"] / 1e9)
     assert x["optimizer_gb"] == pytest.approx(rb["optimizer_state_bytes"] / 1e9)
+    # the JSON's byte fields are the same numbers (the fullest rank of the DP group)
+    assert (x["param_bytes"], x["grad_bytes"], x["optimizer_state_bytes"]) == (
+        rb["param_bytes"], rb["grad_bytes"], rb["optimizer_state_bytes"])
 
 
 # ----------------------------------------------------------------------------- invalid layouts
