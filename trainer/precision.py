@@ -13,12 +13,16 @@ fp8        ``enable_fp8(model)``: attention, MLP and expert projections run thei
            GEMMs in fine-grained FP8 (E4M3, 1×128 / 128×128 scales, fp32 accumulation);     (sim)
            embedding, head, router, norms and the attention core stay high precision —
            on CUDA in bf16 autocast, on CPU in fp32 (FP8 is simulated exactly there).
-           Master weights and gradients stay fp32.
+           Weights and gradients stay fp32 (so no separate master copy).
 =========  ==============================================================================  =====
 
 bf16 on CPU is refused with a ConfigError (DESIGN.md invariant 4: CPU runs are fp32; bf16
 matmuls on these CPUs are ~400× slower), so ``launch.train precision=bf16`` without a GPU ends
 with one line ``error: precision=bf16: ...``.
+
+Whatever the precision, the AdamW moments are stored in ``optim.moment_dtype`` (auto: bf16 under
+bf16/fp8) and a non-FP32 weight gets an FP32 master copy, both only in this rank's ZeRO-1 range
+(parallel/zero.py).
 
 Only the forward needs the context: autograd runs each backward op in the dtype its forward op
 used, and non-reentrant activation checkpointing restores the forward's autocast state when it
