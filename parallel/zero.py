@@ -7,7 +7,7 @@ end to end and cut into equal contiguous ranges (within one element), the layout
 DeepSpeed's flat buffers. The planner calls the same function, so its per-rank bytes are exact.
 
 A step, per part: every rank holds the full gradients (all-reduced beforehand over DP / expert-DP
-— gloo has no reduce-scatter — so the global norm and clipping see them whole); it updates only
+by parallel.grads.allreduce_gradients — gloo has no reduce-scatter — so the global norm and clipping see them whole); it updates only
 its range: the FP32 master (the parameter itself when the weights are FP32), exp_avg and
 exp_avg_sq in `moment_dtype` (updated in FP32, stored rounded); then the updated range, in the
 weights' dtype, is all-gathered to the group's other ranks.
@@ -31,14 +31,11 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from parallel.grads import group_size
 from parallel.param_groups import optimizer_param_groups
 from parallel.partition import zero_partition
 
 MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
 
 
 @dataclass
@@ -63,8 +60,8 @@ class _Part:
         self.groups = groups
         self.params = [p for g in groups for p in g["params"]]
         self.group_of = [gi for gi, g in enumerate(groups) for _ in g["params"]]
-        self.group = group if zero and _group_size(group) > 1 else None
-        size = _group_size(self.group)
+        self.group = group if zero and group_size(group) > 1 else None
+        size = group_size(self.group)
         me = dist.get_rank(self.group) if self.group is not None else 0
         global_ranks = dist.get_process_group_ranks(self.group) if self.group is not None else \
             [dist.get_rank() if dist.is_initialized() else 0]
