@@ -9,6 +9,11 @@ DualPipe) is then compared with the one-process run; it is inside the floor when
 relative loss difference is no larger than the floor's. Then: a DP2×EP2 run saved after half the
 steps, resumed at DP2×EP2 (must be bit-identical to the uninterrupted DP2×EP2 run), at DP4×EP4
 and at one process (compared with the uninterrupted run like any layout). Prints key=value lines.
+
+Measured (--precision fp8 --steps 4, bf16 moments, 2026-11-29): floor 9.11e-05; DP4×EP2 7.98e-05
+and PP2×DP2×EP2 DualPipe 5.96e-05 (inside); PP2×DP4×EP4 DualPipe 1.456e-04 (OUTSIDE, 1.6× the
+floor: not explained yet); resume DP2×EP2 → DP2×EP2 bit-identical; → DP4×EP4 1.05e-04, → one
+process 1.67e-04 (against the uninterrupted one-process run).
 """
 from __future__ import annotations
 
