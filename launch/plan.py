@@ -42,8 +42,7 @@ def _layout(cfg: DictConfig):
     lps = p.get("layers_per_stage")
     return PlanLayout(pp=pp, dp=dp, ep=int(p.ep), world_size=world or pp * dp,
                       gpus_per_node=int(p.gpus_per_node), schedule=str(p.schedule),
-                      layers_per_stage=tuple(int(x) for x in lps) if lps else None,
-                      split=str(cfg.plan.get("split", "runtime")))
+                      layers_per_stage=tuple(int(x) for x in lps) if lps else None)
 
 
 def _recipe(cfg: DictConfig):
@@ -216,8 +215,61 @@ def run(cfg: DictConfig) -> int:
     recipe, hw = _recipe(cfg), _hardware(cfg)
     r = planner.plan(model_cfg, lay, recipe, hw, float(cfg.plan.achievable_fraction),
                      [float(x) for x in cfg.plan.sensitivity])
-    _emit(r, as_json, _full_table(r, model_cfg))
+    table = _full_table(r, model_cfg)
+    if r["valid"] and float(cfg.train.tokens) > 0:
+        r.update(recipe_cost(cfg, model_cfg, lay, recipe, hw))
+        table += "\n" + _recipe_table(r)
+    _emit(r, as_json, table)
     return 0 if r["valid"] else 1
+
+
+# The DeepSeek-V3 report's cost (H800 GPU-hours; $2 per GPU-hour).
+PAPER_PRETRAIN_GPU_HOURS = 2_664_000
+PAPER_TOTAL_GPU_HOURS = 2_788_000  # + 119K context extension + 5K post-training
+USD_PER_GPU_HOUR = 2.0
+
+
+def recipe_cost(cfg: DictConfig, model_cfg, lay, recipe, hw) -> dict:
+    """The whole pre-training's cost: the planned step time at every global batch the schedule
+    uses (trainer/schedules.py: the batch ramp, then the final batch), times the steps run at it,
+    until train.tokens are consumed."""
+    from dataclasses import replace
+
+    from parallel import planner
+    from trainer.schedules import Schedules
+
+    t = cfg.train
+    unit = lay.dp * recipe.micro_batch * (2 if lay.pp > 1 and lay.schedule != "1f1b" else 1)
+    batch = Schedules.from_config(t, 1, model_cfg, unit).batch
+    seconds, tokens, phases = 0.0, 0.0, []
+    for gb, steps in batch.steps_per_batch(float(t.tokens), recipe.seq_len).items():
+        r = planner.plan(model_cfg, lay, replace(recipe, global_batch=gb, microbatches=0), hw,
+                         float(cfg.plan.achievable_fraction), [])
+        if r["step_time_s"] is None:
+            raise planner.PlanError(f"train.batch_ramp_start: global batch {gb} has no valid schedule: {r['reasons']}")
+        seconds += steps * r["step_time_s"]
+        tokens += steps * gb * recipe.seq_len
+        phases.append({"global_batch": gb, "steps": steps, "step_time_s": r["step_time_s"]})
+    gpu_hours = seconds * lay.world_size / 3600
+    return {"total_steps": sum(p["steps"] for p in phases), "total_tokens": tokens,
+            "total_gpu_hours": gpu_hours, "total_days": seconds / 86400,
+            "total_cost_usd": gpu_hours * USD_PER_GPU_HOUR, "recipe_phases": phases,
+            "paper_pretrain_gpu_hours": PAPER_PRETRAIN_GPU_HOURS}
+
+
+def _recipe_table(r: dict) -> str:
+    ph = r["recipe_phases"]
+    ramp = [p for p in ph if p is not ph[-1]]
+    ramp_h = sum(p["steps"] * p["step_time_s"] for p in ramp) / 3600
+    return "\n".join([
+        f"whole recipe ({r['total_tokens'] / 1e12:.2f}T tokens, {r['total_steps']:,} steps; batch ramp "
+        f"{ph[0]['global_batch']} → {ph[-1]['global_batch']} over {sum(p['steps'] for p in ramp):,} steps, "
+        f"{ramp_h:.1f} h of wall time):",
+        f"  {r['total_gpu_hours'] / 1e3:,.0f}K GPU-hours ({100 * (r['total_gpu_hours'] / PAPER_PRETRAIN_GPU_HOURS - 1):+.1f}% "
+        f"vs the report's {PAPER_PRETRAIN_GPU_HOURS / 1e3:,.0f}K pre-training; {PAPER_TOTAL_GPU_HOURS / 1e3:,.0f}K in all "
+        f"with 119K context extension and 5K post-training), {r['total_days']:.1f} days on {r['layout']['world_size']} "
+        f"GPUs, ${r['total_cost_usd'] / 1e6:.3f}M at ${USD_PER_GPU_HOUR:g}/GPU-hour (report: "
+        f"${PAPER_TOTAL_GPU_HOURS * USD_PER_GPU_HOUR / 1e6:.3f}M in all)"])
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")

@@ -36,10 +36,23 @@ def main(cfg: DictConfig):
         # Threads per rank: share the cores between the ranks of this machine.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    from trainer.preemption import Preempted
+
     try:
+        if cfg.debug.dry_run:  # one process builds ranks of the whole job on fake process groups
+            from trainer.dry_run import dry_run
+
+            dry_run(cfg)
+            return
         Trainer(cfg).train()
     except user_error_types() as err:
         exit_with(err)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: checkpoint {cfg.run.dir}/checkpoints/step_{stop.step} written; exit "
+                  f"{stop.code} so that torchrun --max-restarts / the scheduler restarts the job", file=sys.stderr,
+                  flush=True)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

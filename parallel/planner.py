@@ -6,8 +6,8 @@ simulator), nothing here starts a process.
 Entry points
 ------------
 * ``param_inventory(cfg)``                   per-part parameter / FLOP counts from the modules
-* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank
-* ``balanced_layers_per_stage(cfg, ...)``    the same from a schedule name (for the runtime)
+* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank (the
+                                             runtime's split too: parallel/pipeline/stages.py)
 * ``predict_rank_bytes(cfg, layout, ...)``   parameter / gradient / optimizer bytes of one rank
 * ``rank_tensors`` / ``zero_state_elements`` the tensors a rank trains / its share of their AdamW state
 * ``optimizer_param_groups``, ``zero_partition`` the trainer's AdamW groups and ZeRO-1 partition
@@ -24,9 +24,9 @@ MTP parameters not shared with the main model (embedding and head are shared): 1
 
 Stages: stage 0 = embedding + first layers, last stage = last layers + final norm + head + MTP
 depths (DualPipe / DualPipeV rank 0 holds both, so MTP shares embedding and head physically).
-Layers per stage: the runtime's parallel/pipeline/stages.split_layers (stages balanced one by one;
-what training builds), or plan.split=rank_balanced: ``split_layers`` here, which balances what a
-RANK runs (DualPipe: stage r + stage pp-1-r) and breaks ties by memory. Under DualPipe rank r holds stages r and pp-1-r: its per-rank
+Layers per stage: ``split_layers`` here, which balances what a RANK runs (DualPipe: stage r +
+stage pp-1-r) and breaks ties by memory; parallel/pipeline/stages.split_layers cuts the runtime's
+stages with it, so the planner plans the split training builds. Under DualPipe rank r holds stages r and pp-1-r: its per-rank
 weights are both copies, its gradients are summed with the partner's before the DP reduction.
 
 Numerics (``precision``)
@@ -90,7 +90,6 @@ from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
-SPLITS = ("runtime", "rank_balanced")
 PAPER_GPU_HOURS_PER_T = 180_000.0  # DeepSeek-V3 report: H800 GPU-hours per trillion tokens
 
 
@@ -513,14 +512,6 @@ def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precisi
         counts[b] += 1
 
 
-def balanced_layers_per_stage(cfg, schedule: str, pp: int, n_microbatches: int, precision: str = "fp32",
-                              seq_len: Optional[int] = None, recompute: str = "none", ep: int = 1) -> List[int]:
-    """The default `parallel.layers_per_stage` (None = balanced by layer cost): one call for the
-    runtime and the planner, so predicted and real shards hold the same layers."""
-    s = get_schedule(schedule, pp, n_microbatches)
-    return split_layers(cfg, s.placement, s.n_stages, precision, seq_len, recompute, live_points(s), ep)
-
-
 def stage_parts(cfg, counts: Sequence[int]) -> List[List[Part]]:
     """The parts of every stage for `counts` layers per stage."""
     inv = param_inventory(cfg)
@@ -568,7 +559,6 @@ class PlanLayout:
     gpus_per_node: int = 8
     schedule: str = "1f1b"
     layers_per_stage: Optional[Tuple[int, ...]] = None
-    split: str = "runtime"  # runtime | rank_balanced (when layers_per_stage is None)
 
     @property
     def edp(self) -> int:
@@ -592,34 +582,29 @@ def _as_layout(layout: Any) -> PlanLayout:
     lps = get("layers_per_stage", None)
     return PlanLayout(pp=pp, dp=dp, ep=ep, world_size=world or pp * dp,
                       gpus_per_node=int(get("gpus_per_node", 8)), schedule=str(get("schedule", "1f1b")),
-                      layers_per_stage=tuple(lps) if lps else None, split=str(get("split", "runtime")))
+                      layers_per_stage=tuple(lps) if lps else None)
 
 
 def _stages_for(cfg, lay: PlanLayout, precision: str, seq_len: Optional[int] = None,
                 recompute: str = "none", n_micro: int = 0):
-    """(layers per stage, placement, parts per stage). Without parallel.layers_per_stage the split
-    is the runtime's (parallel/pipeline/stages.split_layers: what training builds) or, with
-    lay.split == "rank_balanced", balanced_layers_per_stage (n_micro invalid for the schedule →
-    the smallest valid count)."""
+    """(layers per stage, placement, parts per stage): parallel.layers_per_stage, else the split
+    the runtime builds (parallel/pipeline/stages.split_layers, which cuts with split_layers here)
+    for the schedule at n_micro (an invalid n_micro → the smallest valid count)."""
+    from parallel.pipeline.stages import split_layers as runtime_split  # torch-backed (the model)
+
     n_stages, placement = schedule_placement(lay.schedule, lay.pp)
-    if lay.split not in SPLITS:
-        raise PlanError(f"plan.split: expected one of {SPLITS}, got {lay.split!r}")
     if lay.layers_per_stage:
         counts = list(lay.layers_per_stage)
-    elif lay.split == "runtime":
-        from parallel.pipeline.stages import split_layers as runtime_split  # torch-backed (the model)
-
-        try:
-            counts = [len(x) for x in runtime_split(cfg, n_stages)]
-        except ConfigError as err:
-            raise PlanError(str(err)) from None
     else:
         try:
             sched = get_schedule(lay.schedule, lay.pp, n_micro)
         except ScheduleError:
             sched = get_schedule(lay.schedule, lay.pp, 2 * lay.pp)
-        counts = split_layers(cfg, placement, n_stages, precision, seq_len, recompute,
-                              live_points(sched), lay.ep)
+        try:
+            counts = [len(x) for x in runtime_split(cfg, sched, precision=precision, seq_len=seq_len,
+                                                    recompute=recompute, ep=lay.ep)]
+        except ConfigError as err:
+            raise PlanError(str(err)) from None
     if len(counts) != n_stages:
         raise PlanError(f"parallel.layers_per_stage has {len(counts)} entries; schedule "
                         f"{lay.schedule} with pp={lay.pp} has {n_stages} stages")
@@ -660,7 +645,7 @@ def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[Te
     pp = 1 (trainer.local_engine.LocalEngine) in model.named_parameters() order; pp > 1
     (parallel.pipeline.runtime.PipelineEngine) every stage's parameters once, sorted by name.
     Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
-    seq_len, recompute, n_microbatches for layout.split == "rank_balanced" (see predict_rank_bytes)."""
+    seq_len, recompute, n_microbatches of the layer split (see predict_rank_bytes)."""
     lay = _as_layout(layout)
     return _held_tensors(model_cfg, lay, _rank_parts(model_cfg, *_rank_stages(model_cfg, lay, rank, **split)))
 
@@ -727,9 +712,8 @@ def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str 
     is this rank's share by zero_state_elements (the trainer's partition; zero=False: everything
     it trains) × (master + moments), plus with count_step one fp32 AdamW step per piece.
     With pp > 1 and no layers_per_stage, the stage split is the runtime's
-    (parallel/pipeline/stages.split_layers) unless layout.split == "rank_balanced"
-    (balanced_layers_per_stage(model_cfg, schedule, pp, n_microbatches, precision, seq_len,
-    recompute, ep)). A rank's stages share one embedding (stages.build_stage_modules).
+    (parallel/pipeline/stages.split_layers(model_cfg, schedule at n_microbatches, precision=,
+    seq_len=, recompute=, ep=)). A rank's stages share one embedding (stages.build_stage_modules).
     Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, ...)."""
     lay = _as_layout(layout)
     num = numerics(precision)
@@ -845,6 +829,35 @@ def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[
     return peak, at
 
 
+def stage_activation_bytes(cfg, stages: Sequence[Sequence[Part]], precision: str, recompute: str,
+                           tokens_mb: int) -> Tuple[List[float], List[float]]:
+    """Per stage: (activation bytes one micro-batch of `tokens_mb` tokens leaves saved for backward,
+    the largest one-layer transient of the backward's recompute)."""
+    kept, transient = [], []
+    for parts in stages:
+        k = t = 0.0
+        for p in parts:
+            k_, t_ = part_activation_bytes(cfg, p.kind, precision, recompute)
+            k += k_ * tokens_mb
+            t = max(t, t_ * tokens_mb)
+        kept.append(k)
+        transient.append(t)
+    return kept, transient
+
+
+def rank_activation_bytes(cfg, split: Sequence[Sequence[int]], schedule, pp_rank: int, precision: str,
+                          recompute: str, tokens_mb: int) -> Tuple[float, List[int]]:
+    """Peak activation bytes of pipeline rank `pp_rank` running `schedule` with the layer `split`
+    (the runtime's): saved activations of its in-flight micro-batches at their peak plus one
+    layer's recompute transient; and the live micro-batches per chunk at that peak. The trainer's
+    dry run and plan() both count with it."""
+    stages = stage_parts(cfg, [len(x) for x in split])
+    kept, transient = stage_activation_bytes(cfg, stages, precision, recompute, tokens_mb)
+    held = schedule.placement[pp_rank]
+    live_bytes, live = peak_live_bytes(schedule.actions[pp_rank], [kept[s] for s in held])
+    return live_bytes + max(transient[s] for s in held), live
+
+
 def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardware(),
          fraction: float = 0.4, sensitivity: Sequence[float] = (0.3, 0.4, 0.5, 0.6)) -> dict:
     """Memory per rank, step time, GPU-hours and validity of `layout` for `recipe` on `hw`."""
@@ -859,19 +872,12 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     inv = param_inventory(cfg)
     reasons: List[str] = []
 
-    # ---- layout checks (all of them, not just the first)
+    # ---- layout checks (all of them, not just the first): the trainer's (parallel/topology.py)
     if lay.pp < 1 or lay.dp < 1 or lay.ep < 1:
         raise PlanError(f"parallel.pp/dp/ep must be >= 1, got pp={lay.pp} dp={lay.dp} ep={lay.ep}")
-    if lay.pp * lay.dp != lay.world_size:
-        reasons.append(f"parallel.pp × parallel.dp = {lay.pp} × {lay.dp} = {lay.pp * lay.dp} != world size {lay.world_size}")
-    if lay.dp % lay.ep:
-        reasons.append(f"parallel.ep={lay.ep} does not divide parallel.dp={lay.dp}")
-    if cfg.n_routed_experts % lay.ep:
-        reasons.append(f"model.n_routed_experts={cfg.n_routed_experts} not divisible by parallel.ep={lay.ep}")
-    if lay.ep > lay.gpus_per_node and lay.ep % lay.gpus_per_node:
-        reasons.append(f"parallel.ep={lay.ep} is not a multiple of parallel.gpus_per_node={lay.gpus_per_node}")
-    if cfg.max_nodes_per_token and lay.n_nodes_ep > 1 and cfg.max_nodes_per_token > lay.n_nodes_ep:
-        reasons.append(f"model.max_nodes_per_token={cfg.max_nodes_per_token} > nodes in an EP group ({lay.n_nodes_ep})")
+    from parallel.topology import layout_problems, model_fields  # torch-backed module
+
+    reasons += layout_problems(lay.world_size, lay.pp, lay.dp, lay.ep, lay.gpus_per_node, **model_fields(cfg))
     if recipe.seq_len > cfg.max_seq_len:
         reasons.append(f"train.seq_len={recipe.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}")
     if recipe.micro_batch < 1:
@@ -903,16 +909,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         reasons.append(f"{n_stages} pipeline stages for {cfg.n_layers} layers: a stage holds no layer")
 
     tokens_mb = recipe.micro_batch * recipe.seq_len
-    stage_act = []
-    stage_transient = []
-    for parts in stages:
-        kept = transient = 0.0
-        for p in parts:
-            k_, t_ = part_activation_bytes(cfg, p.kind, recipe.precision, recipe.recompute)
-            kept += k_ * tokens_mb
-            transient = max(transient, t_ * tokens_mb)
-        stage_act.append(kept)
-        stage_transient.append(transient)
+    stage_act, stage_transient = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, tokens_mb)
 
     def live_for(rank: int, acts_per_stage: Sequence[float]) -> Tuple[float, List[int]]:
         if sched is not None:

@@ -105,7 +105,7 @@ class Layout:
         return next(g for g in groups if rank in g)
 
 
-def validate_layout(
+def layout_problems(
     world_size: int,
     pp: int,
     dp: Optional[int] = None,
@@ -114,56 +114,71 @@ def validate_layout(
     n_routed_experts: Optional[int] = None,
     max_nodes_per_token: int = 0,
     n_activated_experts: Optional[int] = None,
-) -> Layout:
-    """Check a layout against the world size and (optionally) the model; return the Layout.
+) -> list[str]:
+    """Every problem of a layout (and, optionally, of the model on it), each naming its key; []
+    when it is valid. dp = 0/None means world_size // pp. Pure: no torch.distributed calls. The
+    trainer stops at the first (validate_layout), the planner lists them all.
 
-    dp = 0/None means world_size // pp. Pure: no torch.distributed calls. Raises LayoutError.
     A node limit with a single node in the EP group is vacuous (allowed: the same model config
     runs on one process); with several nodes it must not exceed their number.
     """
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise LayoutError(msg)
+    def positive_int(v, key: str) -> list[str]:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        return [] if ok else [f"{key} must be an integer >= 1, got {v!r}"]
 
-    def positive_int(v, key: str) -> None:
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{key} must be an integer >= 1, got {v!r}")
-
-    positive_int(world_size, "world size")
-    positive_int(pp, "parallel.pp")
+    out = positive_int(world_size, "world size") + positive_int(pp, "parallel.pp")
+    if out:
+        return out
     if dp in (0, None):
-        need(world_size % pp == 0, f"parallel.pp={pp} does not divide world size {world_size}")
+        if world_size % pp:
+            return [f"parallel.pp={pp} does not divide world size {world_size}"]
         dp = world_size // pp
-    positive_int(dp, "parallel.dp")
-    need(pp * dp == world_size, f"parallel.pp*parallel.dp={pp * dp} != world size {world_size}")
-    positive_int(ep, "parallel.ep")
-    need(dp % ep == 0, f"parallel.ep={ep} does not divide parallel.dp={dp}")
-    positive_int(gpus_per_node, "parallel.gpus_per_node")
-    need(ep <= gpus_per_node or ep % gpus_per_node == 0,
-         f"parallel.ep={ep} is not a multiple of parallel.gpus_per_node={gpus_per_node} "
-         "(an EP group larger than a node must span whole nodes)")
-    layout = Layout(world_size, pp, dp, ep, gpus_per_node)
-    if n_routed_experts is not None:
-        need(n_routed_experts % ep == 0,
-             f"model.n_routed_experts={n_routed_experts} not divisible by parallel.ep={ep}")
-    n_nodes = layout.n_nodes_ep
+    out = positive_int(dp, "parallel.dp") + positive_int(ep, "parallel.ep") + positive_int(gpus_per_node, "parallel.gpus_per_node")
+    if out:
+        return out
+    if pp * dp != world_size:
+        out.append(f"parallel.pp*parallel.dp={pp * dp} != world size {world_size}")
+    if dp % ep:
+        out.append(f"parallel.ep={ep} does not divide parallel.dp={dp}")
+    if not (ep <= gpus_per_node or ep % gpus_per_node == 0):
+        out.append(f"parallel.ep={ep} is not a multiple of parallel.gpus_per_node={gpus_per_node} "
+                   "(an EP group larger than a node must span whole nodes)")
+    if n_routed_experts is not None and n_routed_experts % ep:
+        out.append(f"model.n_routed_experts={n_routed_experts} not divisible by parallel.ep={ep}")
+    n_nodes = math.ceil(ep / gpus_per_node)
     if max_nodes_per_token:
-        need(max_nodes_per_token >= 0, f"model.max_nodes_per_token={max_nodes_per_token} must be >= 0")
-        need(n_nodes == 1 or max_nodes_per_token <= n_nodes,
-             f"model.max_nodes_per_token={max_nodes_per_token} > nodes in an EP group ({n_nodes})")
-        if n_nodes > 1 and max_nodes_per_token < n_nodes and n_routed_experts and n_activated_experts:
+        if max_nodes_per_token < 0:
+            out.append(f"model.max_nodes_per_token={max_nodes_per_token} must be >= 0")
+        elif n_nodes > 1 and max_nodes_per_token > n_nodes:
+            out.append(f"model.max_nodes_per_token={max_nodes_per_token} > nodes in an EP group ({n_nodes})")
+        elif n_nodes > 1 and max_nodes_per_token < n_nodes and n_routed_experts and n_activated_experts:
             per_node = n_routed_experts // n_nodes
-            need(n_activated_experts <= max_nodes_per_token * per_node,
-                 f"model.n_activated_experts={n_activated_experts} > model.max_nodes_per_token="
-                 f"{max_nodes_per_token} x experts per node ({per_node})")
-    return layout
+            if n_activated_experts > max_nodes_per_token * per_node:
+                out.append(f"model.n_activated_experts={n_activated_experts} > model.max_nodes_per_token="
+                           f"{max_nodes_per_token} x experts per node ({per_node})")
+    return out
+
+
+def validate_layout(world_size: int, pp: int, dp: Optional[int] = None, ep: int = 1, gpus_per_node: int = 8,
+                    n_routed_experts: Optional[int] = None, max_nodes_per_token: int = 0,
+                    n_activated_experts: Optional[int] = None) -> Layout:
+    """The Layout, or LayoutError naming the first of layout_problems(...) (same arguments)."""
+    problems = layout_problems(world_size, pp, dp, ep, gpus_per_node, n_routed_experts, max_nodes_per_token,
+                               n_activated_experts)
+    if problems:
+        raise LayoutError(problems[0])
+    return Layout(world_size, pp, dp or world_size // pp, ep, gpus_per_node)
+
+
+def model_fields(model_cfg: Any) -> dict:
+    """The ModelConfig fields a layout is checked against (layout_problems' keyword arguments)."""
+    return dict(n_routed_experts=model_cfg.n_routed_experts, max_nodes_per_token=model_cfg.max_nodes_per_token,
+                n_activated_experts=model_cfg.n_activated_experts)
 
 
 def validate_for_model(world_size: int, pp: int, dp: Optional[int], ep: int, gpus_per_node: int, model_cfg: Any) -> Layout:
     """validate_layout with the model fields read from a ModelConfig."""
-    return validate_layout(world_size, pp, dp, ep, gpus_per_node,
-                           n_routed_experts=model_cfg.n_routed_experts,
-                           max_nodes_per_token=model_cfg.max_nodes_per_token,
-                           n_activated_experts=model_cfg.n_activated_experts)
+    return validate_layout(world_size, pp, dp, ep, gpus_per_node, **model_fields(model_cfg))
 
 
 @dataclass(eq=False)
@@ -194,6 +209,7 @@ class Topology:
     ep_group: Any = field(init=False, default=None)
     edp_group: Any = field(init=False, default=None)
     stage_pair_group: Any = field(init=False, default=None)
+    _background_group: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = validate_layout(self.world_size, self.pp, self.dp, self.ep, self.gpus_per_node)
@@ -258,6 +274,16 @@ class Topology:
             if self.rank in ranks:
                 mine = g
         return mine
+
+    def background_group(self):
+        """A gloo group over every rank for collectives issued from a background thread (the
+        asynchronous checkpoint writer), so that they never interleave with the training's own
+        collectives on the default group. Built on first use: every rank must ask at the same point."""
+        import torch.distributed as dist
+
+        if self._background_group is None and dist.is_available() and dist.is_initialized():
+            self._background_group = dist.new_group(backend="gloo", timeout=self.timeout)
+        return self._background_group
 
     # ----- convenience -----
     @property

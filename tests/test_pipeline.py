@@ -254,20 +254,27 @@ def test_engine_rejects_wrong_microbatch_count_before_communicating():
 
 
 def test_split_layers():
+    from parallel import planner
+
     cfg = tiny_cfg(3)
-    assert split_layers(cfg, 2) == [[0, 1], [2]]  # head + MTP make the last stage heavy
-    assert split_layers(cfg, 3) == [[0], [1], [2]]
-    assert split_layers(cfg, 2, [1, 2]) == [[0], [1, 2]]
+    one = get_schedule("1f1b", 2, 4)
+    assert split_layers(cfg, one) == [[0, 1], [2]]  # head + MTP make the last stage heavy
+    assert split_layers(cfg, get_schedule("1f1b", 3, 6)) == [[0], [1], [2]]
+    assert split_layers(cfg, one, [1, 2]) == [[0], [1, 2]]
     with pytest.raises(StageError, match="parallel.pp"):
-        split_layers(cfg, 4)
+        split_layers(cfg, get_schedule("1f1b", 4, 8))
     with pytest.raises(StageError, match="parallel.layers_per_stage"):
-        split_layers(cfg, 2, [3, 0])
+        split_layers(cfg, one, [3, 0])
     with pytest.raises(StageError, match="parallel.layers_per_stage"):
-        split_layers(cfg, 2, [1, 1])
+        split_layers(cfg, one, [1, 1])
     big = ModelConfig()  # DeepSeek-V3 671B: 61 layers; the last stage carries head + MTP
-    split = split_layers(big, 16)
+    d = get_schedule("dualpipe", 16, 120)
+    split = split_layers(big, d, precision="fp8", seq_len=4096, recompute="norm_and_up_proj", ep=64)
     assert sum(len(s) for s in split) == 61 and all(split)
-    assert len(split[-1]) < len(split[0])
+    assert len(split[-1]) < len(split[1])
+    # one split function: the runtime cuts with the planner's
+    assert [len(s) for s in split] == planner.split_layers(big, d.placement, 16, "fp8", 4096, "norm_and_up_proj",
+                                                           planner.live_points(d), 64)
 
 
 def test_stage_modules_share_the_embedding():

@@ -23,7 +23,7 @@ class ParallelConfig:
     # (model.max_nodes_per_token). 0 = ep / gpus_per_node of this layout. Set it explicitly to
     # give a smaller layout (e.g. one process) exactly the routing of a larger one.
     expert_nodes: int = 0
-    layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = balanced by layer cost
+    layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
 
@@ -50,6 +50,17 @@ class TrainConfig:
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
     eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
     eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient (agreed over ranks) stops, or skips the update
+    # Token-based schedules (trainer/schedules.py; configs/train/deepseek_v3.yaml has the report's).
+    tokens: float = 0.0  # > 0 with steps = 0: train until this many tokens are consumed
+    lr_decay_start_tokens: float = 0.0  # with lr_decay_end_tokens > 0: lr constant until here, ...
+    lr_decay_end_tokens: float = 0.0  # ... cosine to min_lr here (0 = the step-based decay_start) ...
+    lr_tail: list = field(default_factory=list)  # ... then [[from_tokens, lr], ...] constant stages
+    batch_ramp_start: int = 0  # > 0: global batch ramps from this up to global_batch ...
+    batch_ramp_increment: int = 0  # ... in steps of this (0 = dp × micro_batch, ×2 for dualpipe) ...
+    batch_ramp_tokens: float = 0.0  # ... evenly over the first this many tokens
+    bias_update_gamma: list = field(default_factory=list)  # [[from_tokens, γ], ...]; none = model's
+    mtp_lambda: list = field(default_factory=list)  # [[from_tokens, λ], ...]; none = model.mtp_lambda
 
 
 @dataclass
@@ -75,6 +86,9 @@ class CheckpointConfig:
     resume: str = "auto"  # auto | none | <path to a step_N folder>
     final: bool = False
     keep: int = 3
+    async_save: bool = False  # DCP async_save: stage to CPU, write in the background (one in flight)
+    # A scheduler's notice: finish the step, checkpoint it, exit 143 (torchrun/SLURM may restart)
+    preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -89,6 +103,11 @@ class DebugConfig:
     fail_once: bool = True  # ... on the first attempt only
     fail_mode: str = "exit"  # exit (os._exit) | hang (sleep: the other ranks' collectives time out)
     record_timeline: bool = False
+    inject_nonfinite_at_step: int = -1  # put a NaN into one gradient at this step ...
+    inject_nonfinite_rank: int = 0  # ... on this rank (train.on_nonfinite decides what follows)
+    faults: list = field(default_factory=list)  # "attempt:step:rank:kill|kill_in_checkpoint|term" (trainer/faults.py)
+    dry_run: bool = False  # build ranks of the job in one process (fake process groups, meta device), print bytes, exit
+    dry_run_ranks: list = field(default_factory=list)  # extra ranks to visit (default: one per pipeline position)
 
 
 @dataclass
@@ -107,7 +126,6 @@ class PlanConfig:
     recompute: str = ""  # none | norm_and_up_proj | full
     zero: bool = True  # ZeRO-1: optimizer states sharded over DP (non-expert) / expert-DP (experts)
     sensitivity: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])  # achievable fractions
-    split: str = "runtime"  # layers per stage when parallel.layers_per_stage is unset: runtime | rank_balanced
 
 
 @dataclass

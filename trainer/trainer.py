@@ -22,7 +22,7 @@ from model.flops import train_flops_per_token
 from model.moe import ExpertPlacement
 from parallel.dispatch import AllToAllDispatcher
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
-from parallel.pipeline import SCHEDULES
+from parallel.pipeline import SCHEDULES, get_schedule
 from parallel.pipeline.runtime import PipelineEngine
 from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
 from parallel.topology import Layout, init_distributed, validate_for_model
@@ -31,8 +31,11 @@ from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.ema import CPUEMA
 from trainer.local_engine import LocalEngine
-from trainer.lr import lr_at
+from trainer.schedules import Schedules
 from trainer.precision import LiveSavedActivations, apply_precision, check_precision, metered
+from trainer.preemption import PreemptionFlag, Preempted, parse_signals
+from trainer.faults import FaultPlan
+from trainer import step_guard
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
 
@@ -41,13 +44,13 @@ class CollectiveError(RuntimeError):
 
 
 def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]:
-    """All static checks; returns the layout and micro-batches per rank per step. Raises named
-    errors, and runs before any process group exists."""
+    """All static checks; returns the layout and micro-batches per rank per step (of the final
+    global batch). Raises named errors, and runs before any process group exists."""
     p = cfg.parallel
     layout = validate_for_model(world_size, p.pp, p.dp, p.ep, p.gpus_per_node, model_cfg)
     t = cfg.train
-    if t.steps < 1:
-        raise ConfigError(f"train.steps: must be >= 1, got {t.steps}")
+    if t.steps < 1 and not (t.steps == 0 and t.tokens > 0):
+        raise ConfigError(f"train.steps: must be >= 1 (or 0 with train.tokens > 0), got {t.steps}")
     if t.micro_batch < 1 or t.global_batch % (layout.dp * t.micro_batch):
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be a multiple of parallel.dp × train.micro_batch "
@@ -67,13 +70,31 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
         raise ConfigError(f"parallel.schedule: expected {'|'.join(SCHEDULES)}, got {cfg.parallel.schedule!r}")
     if t.recompute not in RECOMPUTE_MODES:
         raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
+    if t.on_nonfinite not in step_guard.ON_NONFINITE:
+        raise ConfigError(f"train.on_nonfinite: expected {'|'.join(step_guard.ON_NONFINITE)}, got {t.on_nonfinite!r}")
+    parse_signals(cfg.checkpoint.preemption_signals)
+    FaultPlan(cfg.debug.faults, rank=0)  # a malformed debug.faults entry is a named error now
     expert_nodes(cfg, model_cfg, layout)
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
         raise ConfigError(
             f"train.microbatches={t.microbatches} disagrees with train.global_batch / (parallel.dp × "
             f"train.micro_batch) = {n_micro}; set one of them")
+    schedules(cfg, layout, model_cfg)  # named errors for the token schedules and every batch of a ramp
     return layout, n_micro
+
+
+def schedules(cfg, layout: Layout, model_cfg: ModelConfig) -> tuple[Schedules, int]:
+    """(the run's schedules, its number of optimizer steps): train.steps, or with train.steps = 0
+    the steps until train.tokens are consumed (batch ramp included)."""
+    t = cfg.train
+    unit = layout.dp * t.micro_batch * (2 if layout.pp > 1 and cfg.parallel.schedule != "1f1b" else 1)
+    sched = Schedules.from_config(t, max(t.steps, 1), model_cfg, unit)
+    if t.steps == 0:
+        steps = sched.batch.steps_for_tokens(t.tokens, t.seq_len)
+        sched = Schedules.from_config(t, steps, model_cfg, unit)
+        return sched, steps
+    return sched, t.steps
 
 
 def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
@@ -87,11 +108,35 @@ def expert_nodes(cfg, model_cfg: ModelConfig, layout: Layout) -> int:
 
 
 def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
-    """(schedule, layer split) for pp > 1, else (None, None). Pure: runs before any collective."""
+    """(schedule, layer split) for pp > 1, else (None, None); the schedule of every other global
+    batch of a ramp is built (and checked) too. Pure: runs before any collective."""
     if layout.pp == 1:
         return None, None
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
-    return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
+    t = cfg.train  # the split's cost model: the run's numerics and shape (the planner's split_layers)
+    recipe = dict(precision=cfg.precision, seq_len=t.seq_len, recompute=t.recompute, ep=layout.ep)
+    for batch in schedules(cfg, layout, model_cfg)[0].batch.sizes()[:-1]:
+        try:  # the split is the final batch's; each of the ramp's batches needs a valid schedule
+            get_schedule(cfg.parallel.schedule, layout.pp, batch // (layout.dp * cfg.train.micro_batch))
+        except ValueError as err:
+            raise ConfigError(f"train.batch_ramp_start: the ramp's global batch {batch} does not fit the pipeline: {err}") from None
+    return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers, **recipe)
+
+
+def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, device=None) -> list[DeepSeekV3]:
+    """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
+    experts and their dispatcher(s) and the node count; uninitialised, on `device` (None: the
+    default; the dry run builds on "meta")."""
+    n_experts = mcfg.n_routed_experts
+    experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
+    if schedule is None:
+        dispatcher = AllToAllDispatcher(topo.ep_group, n_experts, topo.gpus_per_node) \
+            if topo is not None and topo.ep > 1 else None
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
+    dispatchers = stage_dispatchers(topo, len(schedule.placement[topo.pp_rank]), n_experts)
+    return build_stage_modules(mcfg, schedule, topo.pp_rank, split=split, device=device, experts=experts,
+                               dispatchers=dispatchers)
 
 
 class Trainer:
@@ -102,6 +147,8 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.layout, self.n_micro = validate(cfg, self.model_cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.schedule, self.split = plan_stages(cfg, self.model_cfg, self.layout, self.n_micro)
+        self.schedules, self.steps = schedules(cfg, self.layout, self.model_cfg)
+        self._pipeline_schedules = {self.n_micro: self.schedule}
         self.expert_nodes = expert_nodes(cfg, self.model_cfg, self.layout)
         self.data = TokenDataset(cfg.data, cfg.train.seq_len)
         if cfg.train.eval_every:
@@ -112,10 +159,16 @@ class Trainer:
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.faults = FaultPlan(cfg.debug.faults, self.rank)
+        self.preemption = PreemptionFlag(parse_signals(cfg.checkpoint.preemption_signals))
+        self.skipped_steps = 0  # steps whose update train.on_nonfinite=skip left out
         self.topo = None
         if self.layout.world_size > 1:
             self._init_distributed()
         self._build()
+        group = self.topo.background_group() if (self.topo is not None and cfg.checkpoint.async_save) else None
+        self.writer = ckpt.CheckpointWriter(self._ckpt_root(), cfg.checkpoint.keep, self.rank,
+                                            async_save=cfg.checkpoint.async_save, group=group)
 
     # ------------------------------------------------------------------ build
     def _init_distributed(self) -> None:
@@ -126,18 +179,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
-        topo, n_experts = self.topo, mcfg.n_routed_experts
-        # the model is built as it runs: this rank's experts, their dispatcher(s), the node count
-        experts = ExpertPlacement(topo.ep_rank, topo.ep, self.expert_nodes) if topo is not None \
-            else ExpertPlacement(n_nodes=self.expert_nodes)
-        if self.schedule is None:
-            dispatcher = AllToAllDispatcher(topo.ep_group, n_experts, topo.gpus_per_node) \
-                if topo is not None and topo.ep > 1 else None
-            modules = [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
-        else:
-            dispatchers = stage_dispatchers(topo, len(self.schedule.placement[topo.pp_rank]), n_experts)
-            modules = build_stage_modules(mcfg, self.schedule, topo.pp_rank, split=self.split,
-                                          experts=experts, dispatchers=dispatchers)
+        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes)
         autocast = None
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
@@ -177,11 +219,16 @@ class Trainer:
         return self.modules[0]
 
     # ------------------------------------------------------------------ checkpoint state
-    def _state(self) -> dict:
-        state, named_modules = {}, {}
+    def _named_modules(self) -> dict[str, torch.nn.Module]:
+        named = {}
         for m in self.modules:  # two DualPipe stages on one rank: disjoint names, one shared embedding
+            named.update(dict(m.named_modules()))
+        return named
+
+    def _state(self) -> dict:
+        state, named_modules = {}, self._named_modules()
+        for m in self.modules:
             state.update(ckpt.model_state(m))
-            named_modules.update(dict(m.named_modules()))
         state.update(ckpt.optimizer_state(named_modules, self.optimizer.shards()))
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
             state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), named_modules).items()})
@@ -191,6 +238,7 @@ class Trainer:
         return os.path.join(self.cfg.run.dir, "checkpoints")
 
     def _resume(self) -> int:
+        self.samples = 0  # global samples consumed before the next step
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return 0
@@ -203,41 +251,86 @@ class Trainer:
                     m.init_weights(self.cfg.train.seed)
                 self.optimizer.reset_state()
             return 0
-        if meta.get("global_batch") != self.cfg.train.global_batch:
-            raise ConfigError(
-                f"train.global_batch={self.cfg.train.global_batch} differs from the checkpoint's "
-                f"{meta.get('global_batch')}: the data position would not line up")
+        # the data position is the samples consumed (older checkpoints: steps × their batch)
+        self.samples = int(meta.get("samples_seen", int(meta["step"]) * int(meta.get("global_batch", 0))))
+        if meta.get("global_batch") != self.cfg.train.global_batch and self.is_main:
+            print(f"resume: train.global_batch={self.cfg.train.global_batch} (checkpoint: {meta.get('global_batch')}); "
+                  f"the sample stream continues at sample {self.samples}", flush=True)
         if self.ema is not None:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.is_main:
             print(f"resumed from {self.cfg.run.dir}/checkpoints/step_{meta['step']}", flush=True)
         return int(meta["step"])
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> float:
+        """Checkpoint of the state after `step`; returns the seconds the loop was blocked."""
         if self.ema is not None:
             self.ema.wait()
         meta = {
             "global_batch": self.cfg.train.global_batch,
-            "samples_seen": step * self.cfg.train.global_batch,
+            "samples_seen": self.samples,
             "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
                        "schedule": self.cfg.parallel.schedule},
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "skipped_steps": self.skipped_steps,
         }
-        ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
+        return self.writer.save(step, self._state(), meta, after_write=self.faults.in_checkpoint(step))
+
+    def _close_writer(self, err: BaseException | None) -> None:
+        """Wait for the save in flight before exiting, unless the run crashed (a collective or a
+        rank failed): then its uncommitted step_N.tmp is simply never renamed."""
+        if err is None or isinstance(err, (Preempted, step_guard.NonFiniteError)):
+            self.writer.close()
+
+    def _agree_on_step(self, step_no: int, losses) -> step_guard.StepVerdict:
+        """Before the optimizer step: one verdict on every rank about non-finite values and a
+        pending preemption. train.on_nonfinite=stop raises NonFiniteError naming the first bad
+        parameter; skip returns the verdict and the loop leaves the state untouched."""
+        named, world = self.engine.named_parameters(), self.layout.world_size
+        bad = step_guard.local_nonfinite([float(losses.lm), float(losses.mtp)], named)
+        verdict = step_guard.agree(bad, self.preemption.requested, self.rank, world)
+        if verdict.nonfinite and self.cfg.train.on_nonfinite == "stop":
+            name = step_guard.first_nonfinite_name(named, self._named_modules()) if bad else ""
+            names = step_guard.gather_names(name, world)
+            raise step_guard.NonFiniteError(step_guard.stop_message(step_no, verdict, names))
+        return verdict
+
+    def _maybe_inject_nonfinite(self, step_no: int) -> None:
+        d = self.cfg.debug
+        if d.inject_nonfinite_at_step == step_no and d.inject_nonfinite_rank == self.rank:
+            name = step_guard.inject_nonfinite(self.engine.named_parameters(), self._named_modules())
+            print(f"debug: rank {self.rank} puts a NaN into the gradient of {name} at step {step_no}", flush=True)
 
     # ------------------------------------------------------------------ the loop
-    def _micro_batches(self, step: int, split: str = "train") -> list[torch.Tensor]:
+    def _micro_batches(self, first: int, global_batch: int, split: str = "train") -> list[torch.Tensor]:
+        """This rank's micro-batches of the global samples first … first + global_batch - 1."""
         t, dp_rank = self.cfg.train, (self.topo.dp_rank if self.topo is not None else 0)
-        per_rank = t.global_batch // self.layout.dp
-        first = step * t.global_batch + dp_rank * per_rank
+        per_rank = global_batch // self.layout.dp
+        first += dp_rank * per_rank
         tokens = torch.from_numpy(self.data.batch(range(first, first + per_rank), split)).to(self.device)
         return list(tokens.split(t.micro_batch))
+
+    def _use_batch(self, global_batch: int) -> None:
+        """Point the pipeline engine at the schedule of this global batch's micro-batch count."""
+        if self.schedule is None:
+            return
+        n = global_batch // (self.layout.dp * self.cfg.train.micro_batch)
+        if n not in self._pipeline_schedules:
+            self._pipeline_schedules[n] = get_schedule(self.cfg.parallel.schedule, self.layout.pp, n)
+        self.engine.set_schedule(self._pipeline_schedules[n])
+
+    def _apply_schedules(self, values: dict) -> None:
+        """This step's λ and γ into the model configs (read at the loss and at the bias update)."""
+        for c in {id(c): c for c in [self.model_cfg] + [m.cfg for m in self.modules]}.values():
+            c.mtp_lambda, c.bias_update_gamma = values["mtp_lambda"], values["bias_update_gamma"]
 
     def evaluate(self) -> dict[str, float]:
         """Validation losses of the current weights and, with train.ema_decay > 0, of the EMA
         weights (swapped in, then restored bit-exactly): means over train.eval_batches global
         batches of the held-out split, the same samples at every evaluation so that successive
         values compare. val_loss = val_lm_loss + λ·val_mtp_loss (no balance loss)."""
+        self._use_batch(self.cfg.train.global_batch)
         out = self._eval_losses("")
         if self.ema is not None:
             with self.ema.swapped_into(dict(self.engine.named_parameters())):
@@ -249,7 +342,7 @@ class Trainer:
         t = self.cfg.train
         lm = mtp = 0.0
         for k in range(t.eval_batches):
-            losses = self.engine.evaluate(self._micro_batches(k, split="val"))
+            losses = self.engine.evaluate(self._micro_batches(k * t.global_batch, t.global_batch, split="val"))
             lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
         lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
         return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
@@ -312,33 +405,44 @@ class Trainer:
         if self.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
             OmegaConf.save(cfg, os.path.join(cfg.run.dir, "config.yaml"))
-            sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), t.steps, start)
-        tokens_per_step = t.global_batch * t.seq_len
+            sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), self.steps, start)
         try:
-            for step in range(start, t.steps):
+            self.preemption.install()
+            for step in range(start, self.steps):
                 self._maybe_fail(step + 1)
+                self.faults.at_step_start(step + 1)
                 t0 = time.perf_counter()
-                lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
+                now = self.schedules.at(step, self.samples)
+                lr, batch = now["lr"], now["global_batch"]
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
                 self.activations.reset()
+                self._apply_schedules(now)
+                self._use_batch(batch)
                 with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
-                    losses = self.engine.forward_backward(self._micro_batches(step))
+                    losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
+                self.samples += batch
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
                     self._reduce_gradients()
+                self._maybe_inject_nonfinite(step + 1)
                 with self._collective("grad-norm all-reduce", step):
                     grad_norm = self.engine.grad_norm()
-                clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
-                with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
-                    self.optimizer.step()
+                with self._collective("non-finite / preemption agreement all-reduce", step):
+                    verdict = self._agree_on_step(step + 1, losses)
+                self.skipped_steps += verdict.nonfinite  # on_nonfinite=skip: no update of any state
+                if not verdict.nonfinite:
+                    clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
+                    with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
+                        self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._collective("expert-load all-reduce", step):
                     loads = self.engine.expert_loads()
-                self.engine.update_router_biases(loads)
+                if not verdict.nonfinite:
+                    self.engine.update_router_biases(loads)
                 aux = self.engine.aux_loss_sum()
                 a2a = self._local_a2a_bytes()
                 self.engine.reset_moe_stats()
-                if self.ema is not None:
+                if self.ema is not None and not verdict.nonfinite:
                     self.ema.update(dict(self.engine.named_parameters()))
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
@@ -352,23 +456,26 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 step_no = step + 1
                 val = {}
-                if t.eval_every and (step_no % t.eval_every == 0 or step_no == t.steps):
+                if t.eval_every and (step_no % t.eval_every == 0 or step_no == self.steps):
                     with self._collective("evaluation (forward-only pipeline p2p, expert all-to-all)", step):
                         val = self.evaluate()
+                saved = verdict.preempt or (bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0)
+                block_s = self._save(step_no) if saved else 0.0
                 if sink is not None:
-                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
-                                       **a2a, **memory, **val},
+                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, loads),
+                                       "global_batch": batch, "samples": self.samples, **a2a, **memory, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
-                saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
-                if saved:
-                    self._save(step_no)
-                if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < t.steps:
+                if verdict.preempt and step_no < self.steps:
+                    raise Preempted(step_no)
+                if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < self.steps:
                     if not saved:
                         self._save(step_no)
                     return
-            if cfg.checkpoint.final and not (cfg.checkpoint.every and t.steps % cfg.checkpoint.every == 0):
-                self._save(t.steps)
+            if cfg.checkpoint.final and not (cfg.checkpoint.every and self.steps % cfg.checkpoint.every == 0):
+                self._save(self.steps)
         finally:
+            self.preemption.restore()
+            self._close_writer(sys.exc_info()[1])
             if sink is not None:
                 sink.close()
             if self.ema is not None:

@@ -135,6 +135,26 @@ class PipelineEngine(StageEngine):
         self.last_step_s = 0.0
         self._io = self.p2p  # the P2P of the running pass (training or evaluate's)
         self._eval_p2p: Optional[P2P] = None
+        # per micro-batch count: (schedule, P2P, eval P2P) — a batch-size ramp changes the count
+        self._by_n: dict[int, tuple] = {}
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Run the following steps with ``schedule`` (same pipeline and placement, another
+        micro-batch count: a global batch ramp); its P2P plans are built once and kept."""
+        if schedule is self.schedule:
+            return
+        if schedule.pp != self.schedule.pp or schedule.placement != self.schedule.placement:
+            raise ScheduleError(f"set_schedule: {schedule.name} places stages differently from {self.schedule.name}")
+        self._by_n[self.schedule.n_microbatches] = (self.schedule, self.p2p, self._eval_p2p,
+                                                     getattr(self, "_eval_actions", None))
+        cached = self._by_n.get(schedule.n_microbatches)
+        if cached is not None and cached[0] is schedule:
+            self.schedule, self.p2p, self._eval_p2p, self._eval_actions = cached
+        else:
+            self.schedule, self._eval_p2p, self._eval_actions = schedule, None, None
+            self.p2p = P2P(schedule, self.pp_rank, self.p2p.ranks, self.topo.pp_group, self.device, self.timeline)
+        self.actions = schedule.actions[self.pp_rank]
+        self._io = self.p2p
 
     def _check_ep_groups(self) -> None:
         """Threaded FB pairs run all-to-alls of two chunks at once: they need distinct groups."""

@@ -1,12 +1,10 @@
 """Split the model into pipeline stages and build the stage modules a rank holds.
 
-``split_layers(cfg, n_stages)`` cuts the ``n_layers`` transformer blocks into ``n_stages``
-contiguous slices balanced by per-token forward cost: an MoE block costs its attention plus the
-*activated* experts (top-k + shared) and the router, a dense block its attention plus the dense
-SwiGLU, the first stage also carries the embedding (a lookup: nearly free) and the last stage the
-final norm, the output head and the MTP depths (eh_proj + one MoE block + the head again, each).
-With DeepSeek-V3's sizes the head + MTP weigh about three blocks, so the last stage gets fewer
-layers.
+``split_layers(cfg, schedule)`` cuts the ``n_layers`` transformer blocks into the schedule's
+stages, contiguous, with the planner's cost model (parallel/planner.py: one split for the planner
+and the runtime): the first stage also carries the embedding and the last stage the final norm,
+the output head and the MTP depths, and what is balanced is each RANK's load (DualPipe: stage r +
+stage pp-1-r). With DeepSeek-V3's sizes the head + MTP weigh about three blocks.
 
 ``build_stage_modules(cfg, schedule, pp_rank)`` returns one :class:`model.DeepSeekV3` per chunk
 the rank holds (``schedule.placement[pp_rank]``), each built only for its stage's layers. When a
@@ -30,6 +28,7 @@ import torch
 from model.config import ConfigError, ModelConfig
 from model.moe import ExpertPlacement
 from model.transformer import DeepSeekV3
+from parallel import planner
 from parallel.dispatch import AllToAllDispatcher, shard_experts
 
 from . import get_schedule
@@ -41,63 +40,15 @@ class StageError(ConfigError):
     parallel.layers_per_stage)."""
 
 
-# ------------------------------------------------------------------------------------ costs
-def _attention_cost(cfg: ModelConfig, seq_len: int) -> float:
-    h = cfg.n_heads
-    if cfg.q_lora_rank:
-        q = cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
-    else:
-        q = cfg.dim * h * cfg.qk_head_dim
-    kv = cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-    out = h * cfg.v_head_dim * cfg.dim
-    core = h * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim)  # causal: half the keys on average
-    return q + kv + out + core
-
-
-def _moe_cost(cfg: ModelConfig) -> float:
-    return 3 * cfg.dim * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + cfg.dim * cfg.n_routed_experts
-
-
-def layer_cost(cfg: ModelConfig, layer_id: int, seq_len: Optional[int] = None) -> float:
-    """Per-token forward multiply-adds of block ``layer_id`` (backward is ~2x for every kind)."""
-    seq = seq_len or cfg.max_seq_len
-    ffn = _moe_cost(cfg) if cfg.is_moe_layer(layer_id) else 3 * cfg.dim * cfg.inter_dim
-    return _attention_cost(cfg, seq) + ffn
-
-
-def embed_cost(cfg: ModelConfig) -> float:
-    """The embedding lookup (and its scatter-add backward): memory-bound, ~dim per token."""
-    return float(cfg.dim)
-
-
-def head_cost(cfg: ModelConfig, seq_len: Optional[int] = None) -> float:
-    """Final norm + output head + every MTP depth (eh_proj, one MoE block, the shared head)."""
-    seq = seq_len or cfg.max_seq_len
-    head = cfg.dim * cfg.vocab_size
-    mtp = 2 * cfg.dim * cfg.dim + _attention_cost(cfg, seq) + _moe_cost(cfg) + head
-    return head + cfg.mtp_depth * mtp
-
-
-def stage_costs(cfg: ModelConfig, split: Sequence[Sequence[int]], seq_len: Optional[int] = None) -> list[float]:
-    costs = []
-    for s, layers in enumerate(split):
-        c = sum(layer_cost(cfg, i, seq_len) for i in layers)
-        if s == 0:
-            c += embed_cost(cfg)
-        if s == len(split) - 1:
-            c += head_cost(cfg, seq_len)
-        costs.append(c)
-    return costs
-
-
 # ------------------------------------------------------------------------------------ split
-def split_layers(cfg: ModelConfig, n_stages: int, layers_per_stage: Optional[Sequence[int]] = None,
-                 seq_len: Optional[int] = None) -> list[list[int]]:
-    """Contiguous layer ids per stage. ``layers_per_stage`` (one count per stage) overrides the
-    cost-balanced split (min over splits of the most expensive stage; ties → earlier cuts)."""
-    n = cfg.n_layers
-    if not isinstance(n_stages, int) or n_stages < 1:
-        raise StageError(f"parallel.pp: need at least one pipeline stage, got {n_stages}")
+def split_layers(cfg: ModelConfig, schedule: Schedule, layers_per_stage: Optional[Sequence[int]] = None, *,
+                 precision: str = "fp32", seq_len: Optional[int] = None, recompute: str = "none",
+                 ep: int = 1) -> list[list[int]]:
+    """Contiguous layer ids per stage of ``schedule``. ``layers_per_stage`` (one count per stage)
+    overrides the default, the planner's split (parallel/planner.split_layers): the heaviest RANK
+    — DualPipe holds stage r and pp-1-r — as light as possible, then the fewest bytes on the
+    fullest rank; the planner and the trainer both cut with it, so planned shards are built ones."""
+    n, n_stages = cfg.n_layers, schedule.n_stages
     if layers_per_stage is not None:
         counts = list(layers_per_stage)
         if len(counts) != n_stages:
@@ -111,39 +62,13 @@ def split_layers(cfg: ModelConfig, n_stages: int, layers_per_stage: Optional[Seq
         if n < n_stages:
             raise StageError(f"parallel.pp: {n_stages} pipeline stages need at least one layer each, "
                              f"but model.n_layers={n}")
-        counts = _balanced_counts(cfg, n_stages, seq_len)
+        counts = planner.split_layers(cfg, schedule.placement, n_stages, precision, seq_len, recompute,
+                                      planner.live_points(schedule), ep)
     out, start = [], 0
     for c in counts:
         out.append(list(range(start, start + c)))
         start += c
     return out
-
-
-def _balanced_counts(cfg: ModelConfig, n_stages: int, seq_len: Optional[int]) -> list[int]:
-    n = cfg.n_layers
-    w = [layer_cost(cfg, i, seq_len) for i in range(n)]
-    w[0] += embed_cost(cfg)
-    w[-1] += head_cost(cfg, seq_len)
-    prefix = [0.0]
-    for x in w:
-        prefix.append(prefix[-1] + x)
-    inf = float("inf")
-    # best[s][j]: minimal max-stage cost of layers [0, j) in s stages; cut[s][j]: start of stage s-1
-    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, n_stages + 1):
-        for j in range(s, n - (n_stages - s) + 1):
-            for i in range(s - 1, j):
-                v = max(best[s - 1][i], prefix[j] - prefix[i])
-                if v < best[s][j] - 1e-9 * max(1.0, v):
-                    best[s][j], cut[s][j] = v, i
-    counts, j = [], n
-    for s in range(n_stages, 0, -1):
-        i = cut[s][j]
-        counts.append(j - i)
-        j = i
-    return counts[::-1]
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -163,7 +88,7 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     name, so each copy of a stage — and each copy of the embedding — gets identical values)."""
     n_stages = schedule.n_stages
     if split is None:
-        split = split_layers(cfg, n_stages, layers_per_stage)
+        split = split_layers(cfg, schedule, layers_per_stage)
     if len(split) != n_stages:
         raise StageError(f"parallel.layers_per_stage: split has {len(split)} stages, schedule {n_stages}")
     modules = []
@@ -219,11 +144,12 @@ class _nullcontext:
 
 
 def plan_pipeline(cfg: ModelConfig, schedule_name: str, pp: int, n_microbatches: int,
-                  layers_per_stage: Optional[Sequence[int]] = None) -> tuple[Schedule, list[list[int]]]:
+                  layers_per_stage: Optional[Sequence[int]] = None, **recipe) -> tuple[Schedule, list[list[int]]]:
     """Every static pipeline check, with no process group: returns (schedule, layer split).
 
     Raises ``ScheduleError`` (unknown schedule, odd pp or a bad micro-batch count for DualPipe,
-    ...) or ``StageError`` (fewer layers than stages, bad ``parallel.layers_per_stage``)."""
+    ...) or ``StageError`` (fewer layers than stages, bad ``parallel.layers_per_stage``).
+    ``recipe``: precision, seq_len, recompute, ep of the run (split_layers' cost model)."""
     schedule = get_schedule(schedule_name, pp, n_microbatches)
-    split = split_layers(cfg, schedule.n_stages, layers_per_stage)
+    split = split_layers(cfg, schedule, layers_per_stage, **recipe)
     return schedule, split
