@@ -9,8 +9,8 @@ Entry points
 * ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank (the
                                              runtime's split too: parallel/pipeline/stages.py)
 * ``predict_rank_bytes(cfg, layout, ...)``   parameter / gradient / optimizer bytes of one rank
-* ``rank_tensors`` / ``zero_owned_tensors``  the tensors a rank trains / holds AdamW states of
-* ``optimizer_param_groups``, ``zero_owners`` the trainer's AdamW groups and torch ZeRO's partition
+* ``rank_tensors`` / ``zero_state_elements`` the tensors a rank trains / its share of their AdamW state
+* ``optimizer_param_groups``, ``zero_partition`` the trainer's AdamW groups and ZeRO-1 partition
 * ``activation_table(cfg, ...)``             what one layer stores per token for its backward
 * ``plan(cfg, layout, recipe, hw, ...)``     the whole plan: memory per rank, step time, validity
 
@@ -39,10 +39,11 @@ bf16 / fp8: the DeepSeek-V3 recipe (§3.3): BF16 weights used by the kernels (2 
       experts/MLPs in FP8 and caches their inputs in FP8 (1 B + one fp32 scale per 1×128 tile);
       embedding, head, router, norms and the attention core stay BF16.
 ZeRO-1: optimizer states of non-expert parameters sharded over DP, of expert parameters over
-expert-DP (dp/ep); weights and gradients are held whole. plan() and bf16/fp8 predictions use the
-ideal even shard, ceil(n / group) elements; predict_rank_bytes with precision="fp32" replays what
-the trainer runs (parallel/zero.py: torch's ZeroRedundancyOptimizer owns WHOLE parameters, greedy
-by size) and is exact per rank (tests/test_plan_vs_run.py compares it with real runs).
+expert-DP (dp/ep); weights and gradients are held whole. The share of a rank is
+parallel/partition.zero_partition, the function the trainer's optimizer (parallel/zero.py) runs:
+each part's parameters end to end, cut into equal ranges (within one element), so
+predict_rank_bytes is exact per rank (tests/test_plan_vs_run.py compares it with real runs) and
+plan() reports the fullest rank of each DP group (ceil(n / group) elements).
 The parameter EMA lives in CPU memory (not counted).
 
 Activations (``recompute``) — per token per layer, see ``activation_table`` for the list:
@@ -85,6 +86,7 @@ from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig, 
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
+from parallel.partition import rank_elements, zero_partition  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
@@ -617,8 +619,8 @@ def _rank_bytes(cfg, parts: List[Part], lay: PlanLayout, num: Numerics, zero: bo
     expert = sum(p.expert_params * n_local // cfg.n_routed_experts for p in parts)
     tensors = sum(p.dense_tensors + p.expert_tensors for p in parts)
     held = dense + expert
-    if zero:
-        opt_elems = -(-dense // lay.dp) + -(-expert // lay.edp)
+    if zero:  # the fullest rank of the DP / expert-DP group (parallel/partition.py)
+        opt_elems = _fullest_share(dense, lay.dp) + _fullest_share(expert, lay.edp)
         step = 0
     else:
         opt_elems = held
@@ -634,25 +636,9 @@ def _rank_bytes(cfg, parts: List[Part], lay: PlanLayout, num: Numerics, zero: bo
 
 
 # ----------------------------------------------------------------------------------- ZeRO-1 as run
-ZERO_PARTITIONS = ("auto", "params", "flat")
-
-
-def zero_owners(param_groups: Sequence[Sequence[Any]], world: int) -> List[List[int]]:
-    """Owner rank (in the process group) of every parameter of `param_groups` (lists of objects
-    with .numel()), exactly as torch's ZeroRedundancyOptimizer._partition_parameters assigns them:
-    group by group in order, each group's parameters by size, largest first (a stable sort: ties
-    keep their order), each to the rank with the smallest running total so far (the totals carry
-    over from one group to the next; ties → the lowest rank). world <= 1: everything on rank 0."""
-    sizes = [0] * max(world, 1)
-    owners = []
-    for params in param_groups:
-        own = [0] * len(params)
-        for i in sorted(range(len(params)), key=lambda j: params[j].numel(), reverse=True):
-            r = min(range(len(sizes)), key=lambda k: (sizes[k], k))
-            own[i] = r
-            sizes[r] += params[i].numel()
-        owners.append(own)
-    return owners
+def _fullest_share(numel: int, group: int) -> int:
+    """Elements of the fullest rank when `numel` elements are partitioned over `group` ranks."""
+    return max(rank_elements([numel], group, r) for r in range(max(group, 1)))
 
 
 def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[TensorSpec]:
@@ -688,65 +674,61 @@ def _held_tensors(cfg, lay: PlanLayout, parts: Sequence[Part]) -> List[TensorSpe
     return sorted(out, key=lambda t: t.name) if lay.pp > 1 else out
 
 
-def zero_owned_tensors(tensors: Sequence[TensorSpec], layout: Any, rank: int = 0,
-                       zero: bool = True) -> List[TensorSpec]:
-    """Of `tensors` (rank_tensors: what global `rank` trains, in its engine's order), those whose
-    AdamW states the rank holds under parallel/zero.ShardedAdamW: non-expert ones partitioned over
-    its DP group (group rank = dp_rank), expert ones over its expert-DP group (group rank =
-    edp_rank) by ZeroRedundancyOptimizer's rule (zero_owners) when zero and the group has > 1
-    rank; all of them otherwise."""
+def zero_state_elements(tensors: Sequence[TensorSpec], layout: Any, rank: int = 0,
+                        zero: bool = True) -> Tuple[int, int]:
+    """(elements, pieces) of optimizer state global `rank` holds for `tensors` (rank_tensors: what
+    it trains, in its engine's order) under parallel/zero.ShardedAdamW: each part (non-expert over
+    its DP group, group rank = dp_rank; expert over its expert-DP group, group rank = edp_rank) in
+    optimizer_param_groups order, split by zero_partition when zero, whole otherwise. A piece is
+    one parameter's range on this rank (it carries one AdamW step counter)."""
     lay = _as_layout(layout)
     dp_rank = rank % lay.dp
     edp_rank = dp_rank // lay.ep
-    owned: List[TensorSpec] = []
+    elems = pieces = 0
     for is_expert, groups in optimizer_param_groups([(t.name, t) for t in tensors], 0.0):
         world, me = (lay.edp, edp_rank) if is_expert else (lay.dp, dp_rank)
         if not zero or world <= 1:
             world, me = 1, 0
-        for g, own in zip(groups, zero_owners([g["params"] for g in groups], world)):
-            owned += [t for t, r in zip(g["params"], own) if r == me]
-    return owned
+        mine = zero_partition([t.numel() for g in groups for t in g["params"]], world)[me]
+        elems += sum(b - a for _, a, b in mine)
+        pieces += len(mine)
+    return elems, pieces
+
+
+MOMENT_BYTES = {"fp32": 8, "bf16": 4}  # exp_avg + exp_avg_sq per element
 
 
 def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str = "fp32",
                        zero: bool = False, count_step: bool = True, seq_len: Optional[int] = None,
-                       recompute: str = "none", n_microbatches: int = 0, partition: str = "auto") -> dict:
+                       recompute: str = "none", n_microbatches: int = 0, moment_dtype: str = "auto") -> dict:
     """Parameter, gradient and optimizer-state bytes held by global `rank` of `layout`.
 
     layout: a PlanLayout, parallel.topology.Layout or any object/dict with pp, dp (or
     world_size), ep and optionally schedule, gpus_per_node, layers_per_stage. Ranks follow
     parallel/topology.py (rank = pp_rank·dp + dp_rank, dp_rank = edp_rank·ep + ep_rank); a rank
     holds the stages the schedule places on its pipeline index (DualPipe: r and pp-1-r), expert
-    tensors sliced to n_routed_experts/ep experts. precision='fp32' matches the trainer today (fp32
-    parameters and AdamW moments). zero=False → torch AdamW's state: exp_avg + exp_avg_sq
-    (8 B/param) plus, with count_step, its fp32 'step' scalar per parameter tensor. zero=True →
-    the ZeRO-1 shard, by `partition`:
-      "params": what the trainer runs (parallel/zero.py: torch's ZeroRedundancyOptimizer owns WHOLE
-                parameters — the AdamW state, step included, of the tensors zero_owned_tensors
-                gives this rank; exact per rank, uneven across a DP group);
-      "flat":   the ideal even shard of the paper's recipe (ceil(n/dp) non-expert + ceil(n/edp)
-                expert elements × (master + moments), no step counters);
-      "auto":   "params" for precision="fp32" (the numerics the trainer implements), else "flat".
+    tensors sliced to n_routed_experts/ep experts. Bytes per element follow `precision` (NUMERICS:
+    fp32 = FP32 weights, no separate master; bf16/fp8 = BF16 weights + FP32 master), the moments
+    `moment_dtype` (auto = the precision's: fp32 under fp32, bf16 otherwise). The optimizer state
+    is this rank's share by zero_state_elements (the trainer's partition; zero=False: everything
+    it trains) × (master + moments), plus with count_step one fp32 AdamW step per piece.
     With pp > 1 and no layers_per_stage, the stage split is the runtime's
     (parallel/pipeline/stages.split_layers(model_cfg, schedule at n_microbatches, precision=,
     seq_len=, recompute=, ep=)). A rank's stages share one embedding (stages.build_stage_modules).
     Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, ...)."""
-    if partition not in ZERO_PARTITIONS:
-        raise PlanError(f"partition: expected one of {ZERO_PARTITIONS}, got {partition!r}")
-    if partition == "auto":
-        partition = "params" if precision == "fp32" else "flat"
     lay = _as_layout(layout)
     num = numerics(precision)
+    if moment_dtype != "auto":
+        if moment_dtype not in MOMENT_BYTES:
+            raise PlanError(f"optim.moment_dtype: expected auto|fp32|bf16, got {moment_dtype!r}")
+        num = Numerics(**{**asdict(num), "moments": MOMENT_BYTES[moment_dtype]})
     stages, held = _rank_stages(model_cfg, lay, rank, precision, seq_len, recompute, n_microbatches)
     parts = _rank_parts(model_cfg, stages, held)
     out = _rank_bytes(model_cfg, parts, lay, num, zero, count_step)
     out["stages"] = list(held)
-    if zero and partition == "params":
-        owned = zero_owned_tensors(_held_tensors(model_cfg, lay, parts), lay, rank, zero=True)
-        elems = sum(t.numel() for t in owned)
-        out.update(optimizer_state_elems=elems, optimizer_state_tensors=len(owned),
-                   optimizer_state_bytes=int(elems * num.optimizer) + (4 * len(owned) if count_step else 0))
-    out["zero_partition"] = partition if zero else None
+    elems, pieces = zero_state_elements(_held_tensors(model_cfg, lay, parts), lay, rank, zero=zero)
+    out.update(optimizer_state_elems=elems, optimizer_state_pieces=pieces,
+               optimizer_state_bytes=int(elems * num.optimizer) + (4 * pieces if count_step else 0))
     return out
 
 
@@ -966,6 +948,9 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         ranks.append({
             "rank": r, "stages": list(held), "layers": " | ".join(_layer_range(stages[s]) for s in held),
             "params_b": rb["param_count"] / 1e9,
+            # bytes, as the trainer's metrics.jsonl names them (optimizer: the DP group's fullest rank)
+            "param_bytes": rb["param_bytes"], "grad_bytes": rb["grad_bytes"],
+            "optimizer_state_bytes": rb["optimizer_state_bytes"], "saved_activation_bytes": int(act + transient),
             "params_gb": rb["param_bytes"] / GB, "grads_gb": rb["grad_bytes"] / GB,
             "optimizer_gb": rb["optimizer_state_bytes"] / GB,
             "activations_gb": (act + transient) / GB, "live_microbatches": live,

@@ -124,7 +124,8 @@ def test_memory_breakdown_arithmetic(v3, plan_2048):
     BF16 moments sharded over DP for non-expert and over expert-DP for expert parameters)."""
     lay = P.PlanLayout(pp=16, dp=128, ep=64, world_size=2048, schedule="dualpipe",
                        layers_per_stage=tuple(plan_2048["layout"]["layers_per_stage"]))
-    rb = P.predict_rank_bytes(v3, lay, rank=5 * 128, precision="fp8", zero=True)
+    # the last rank of its DP and expert-DP groups holds the fullest share, ceil(n / group)
+    rb = P.predict_rank_bytes(v3, lay, rank=5 * 128 + 127, precision="fp8", zero=True, count_step=False)
     assert rb["stages"] == [5, 10]
     assert rb["param_bytes"] == 2 * rb["param_count"]
     assert rb["grad_bytes"] == 4 * rb["param_count"]
@@ -133,6 +134,9 @@ def test_memory_breakdown_arithmetic(v3, plan_2048):
     x = plan_2048["per_rank"][5]
     assert x["params_gb"] == pytest.approx(rb["param_bytes"] / 1e9)
     assert x["optimizer_gb"] == pytest.approx(rb["optimizer_state_bytes"] / 1e9)
+    # the JSON's byte fields are the same numbers (the fullest rank of the DP group)
+    assert (x["param_bytes"], x["grad_bytes"], x["optimizer_state_bytes"]) == (
+        rb["param_bytes"], rb["grad_bytes"], rb["optimizer_state_bytes"])
 
 
 # ----------------------------------------------------------------------------- invalid layouts
@@ -219,7 +223,7 @@ def test_toy_predict_rank_bytes_equals_real_shard_and_adamw(ep):
     assert P.predict_rank_bytes(cfg, {"pp": 1, "dp": ep, "ep": ep}, zero=False, count_step=False)[
         "optimizer_state_bytes"] == 8 * real // 4
     # ZeRO-1: the optimizer state shard shrinks with dp, the weights do not
-    z = P.predict_rank_bytes(cfg, {"pp": 1, "dp": 2 * ep, "ep": ep}, zero=True, partition="flat")
+    z = P.predict_rank_bytes(cfg, {"pp": 1, "dp": 2 * ep, "ep": ep}, rank=2 * ep - 1, zero=True, count_step=False)
     assert z["param_bytes"] == real
     assert z["optimizer_state_bytes"] == 8 * (-(-z["dense_param_count"] // (2 * ep)) + -(-z["expert_param_count"] // 2))
 

@@ -1,7 +1,7 @@
 """The planner against real runs: parallel/planner.predict_rank_bytes on the tiny config predicts,
-to the byte, the parameter and optimizer-state bytes that rank 0 of a real (tiny, 1-step) run
-reports in metrics.jsonl — ZeRO-1 included, where torch's ZeroRedundancyOptimizer owns whole
-parameters (the planner replays its partitioning: parallel/planner.zero_owners)."""
+to the byte, the parameter, gradient and optimizer-state bytes of rank 0 of a real (tiny, 1-step)
+run and their max and min over all ranks, as metrics.jsonl reports them — ZeRO-1 included: the
+planner and the optimizer share one partition (parallel/partition.zero_partition)."""
 from __future__ import annotations
 
 import types
@@ -21,32 +21,20 @@ def _tiny_cfg() -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- the partition rule
-def _torch_partition(groups: list[list[torch.Tensor]], world: int) -> list[list[int]]:
-    """Owner ranks from torch's own ZeroRedundancyOptimizer._partition_parameters, run on an
-    instance without a process group (only the attributes that method reads)."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
+@pytest.mark.parametrize("numels,group", [([7, 1, 30, 5], 4), ([3], 8), ([100, 1, 1, 64], 3), ([5, 5], 1)])
+def test_zero_partition_is_balanced_and_covers_every_element(numels, group):
+    from parallel.partition import rank_elements, zero_partition
 
-    z = ZeroRedundancyOptimizer.__new__(ZeroRedundancyOptimizer)
-    z.world_size, z._partition_parameters_cache = world, []
-    z.param_groups = [{"params": g} for g in groups]
-    per_rank = z._partition_parameters()
-    owner = {id(p): r for r in range(world) for g in per_rank[r] for p in g["params"]}
-    return [[owner[id(p)] for p in g] for g in groups]
-
-
-@pytest.mark.parametrize("layout", [dict(pp=1, dp=4, ep=2), dict(pp=1, dp=3, ep=1),
-                                    dict(pp=2, dp=8, ep=2, schedule="dualpipe"),
-                                    dict(pp=2, dp=4, ep=1, schedule="1f1b")])
-def test_zero_owners_equal_torch_partition(layout):
-    cfg = _tiny_cfg()
-    lay = P._as_layout(layout)
-    for rank in (0, lay.dp * (lay.pp - 1)):
-        tensors = P.rank_tensors(cfg, lay, rank)
-        for is_expert, groups in P.optimizer_param_groups([(t.name, t) for t in tensors], 0.1):
-            world = lay.edp if is_expert else lay.dp
-            specs = [g["params"] for g in groups]
-            metas = [[torch.empty(t.shape, device="meta") for t in g] for g in specs]
-            assert P.zero_owners(specs, world) == _torch_partition(metas, world)
+    parts = zero_partition(numels, group)
+    seen = [[0] * n for n in numels]
+    for r, pieces in enumerate(parts):
+        assert sum(b - a for _, a, b in pieces) == rank_elements(numels, group, r)
+        for i, a, b in pieces:
+            for k in range(a, b):
+                seen[i][k] += 1
+    assert all(c == 1 for row in seen for c in row)  # every element on exactly one rank
+    sizes = [rank_elements(numels, group, r) for r in range(group)]
+    assert max(sizes) - min(sizes) <= 1
 
 
 def test_rank_tensors_equal_engine_order():
@@ -77,29 +65,40 @@ def test_rank_tensors_equal_engine_order():
 
 
 # ----------------------------------------------------------------------------- real runs
-RUNS = [  # (id, nproc, overrides, layout)
+# (id, nproc, overrides, layout); DualPipe needs >= 2·pp micro-batches per rank
+DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batch=1"]
+RUNS = [
     ("single", 1, [], dict(pp=1, dp=1, ep=1)),
-    ("dp2_ep2", 2, ["parallel.ep=2"], dict(pp=1, dp=2, ep=2)),
     ("dp2_ep2_nozero", 2, ["parallel.ep=2", "parallel.zero=false"], dict(pp=1, dp=2, ep=2)),
     ("dp4_ep2", 4, ["parallel.ep=2"], dict(pp=1, dp=4, ep=2)),
-    ("pp2_dualpipe", 2, ["parallel.pp=2", "parallel.schedule=dualpipe"], dict(pp=2, dp=1, ep=1, schedule="dualpipe")),
-    # DualPipe needs >= 2·pp micro-batches per rank: global 8 / (dp 2 · micro 1) = 4
-    ("pp2_dp2_ep2_dualpipe", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe", "train.micro_batch=1"],
+    ("dp4_ep2_fp8", 4, ["parallel.ep=2", "precision=fp8"], dict(pp=1, dp=4, ep=2)),
+    ("pp2_dp2_ep2_dualpipe", 4, DUALPIPE + ["parallel.ep=2"], dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
+    ("pp2_dp2_ep2_dualpipe_fp8", 4, DUALPIPE + ["parallel.ep=2", "precision=fp8", "optim.moment_dtype=fp32"],
      dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
+    ("pp2_dp4_ep4_dualpipe_fp8", 8, DUALPIPE + ["parallel.ep=4", "precision=fp8", "train.global_batch=16"],
+     dict(pp=2, dp=4, ep=4, schedule="dualpipe")),
 ]
 
 
 @pytest.mark.parametrize("nproc,overrides,layout", [r[1:] for r in RUNS], ids=[r[0] for r in RUNS])
-def test_predicted_rank0_bytes_equal_run(tmp_path, nproc, overrides, layout):
+def test_planned_bytes_equal_run(tmp_path, nproc, overrides, layout):
+    """Rank 0's param/grad/optimizer bytes and their max and min over all ranks equal the plan.
+    The CPU trainer keeps FP32 weights and gradients under every precision (fp8 is simulated on
+    them), so the plan is asked for fp32 weights with the run's moment dtype (auto: bf16 under fp8)."""
     zero = "parallel.zero=false" not in overrides
-    out = run_cli(overrides + ["train.steps=1", f"run.dir={tmp_path}"], nproc=nproc, timeout=240)
+    moments = next((o.split("=")[1] for o in overrides if o.startswith("optim.moment_dtype=")),
+                   "bf16" if "precision=fp8" in overrides else "fp32")
+    out = run_cli(overrides + ["train.steps=1", f"run.dir={tmp_path}"], nproc=nproc, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     row = read_metrics(str(tmp_path))[0]
     assert row["step"] == 1
-    pred = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision="fp32", zero=zero)
-    assert row["optimizer_state_bytes"] == pred["optimizer_state_bytes"], (row, pred)
-    if "param_bytes" in row:
-        assert row["param_bytes"] == pred["param_bytes"], (row, pred)
-    if zero and layout["dp"] > 1:  # the state really is sharded
-        full = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision="fp32", zero=False)
-        assert pred["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    preds = [P.predict_rank_bytes(_tiny_cfg(), layout, rank=r, precision="fp32", zero=zero, moment_dtype=moments)
+             for r in range(nproc)]
+    for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+        want = [p[key] for p in preds]
+        assert (row[key], row[f"{key}_max"], row[f"{key}_min"]) == (want[0], max(want), min(want)), key
+    if zero and layout["dp"] > 1:  # the state really is sharded, and evenly over a DP group
+        full = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision="fp32", zero=False, moment_dtype=moments)
+        assert preds[0]["optimizer_state_bytes"] < full["optimizer_state_bytes"]
+    if layout == dict(pp=1, dp=4, ep=2):  # one DP group: max / min of the state over its ranks
+        assert row["optimizer_state_bytes_max"] / row["optimizer_state_bytes_min"] <= 1.01

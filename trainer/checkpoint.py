@@ -77,17 +77,97 @@ def _persistent(model: torch.nn.Module, name: str) -> bool:
     return buf not in mod._non_persistent_buffers_set
 
 
-def optimizer_state(modules: dict[str, torch.nn.Module], owned, prefix: str = "optim.") -> dict[str, torch.Tensor]:
-    """AdamW moments of the parameters whose state this rank owns (ZeRO-1), keyed by name; an
-    expert weight's moments are split per expert like the weight itself. `modules`: name → module
-    of every module this rank holds (to find the Experts blocks)."""
+def optimizer_state(modules: dict[str, torch.nn.Module], shards, prefix: str = "optim.") -> dict[str, torch.Tensor]:
+    """This rank's ZeRO-1 pieces of the optimizer state (parallel/zero.ShardedAdamW.shards()),
+    keyed by global parameter name like the weights ("optim.<name>.exp_avg", an expert weight's
+    split per expert). A piece that is a whole tensor is saved as one; a partial one (a flat range
+    of the tensor) as a ShardedTensor of boxes whose global metadata lists every rank's pieces, so
+    DCP reassembles, and any other layout reads, whatever ranges it asks for. `modules`: name →
+    module of every module this rank holds (to find the Experts blocks)."""
     out = {}
-    for name, _, st in owned:
-        for kind in ("exp_avg", "exp_avg_sq"):
-            for key, t in tensor_items({name: st[kind]}, modules).items():
-                out[f"{prefix}{key}.{kind}"] = t
-        out[f"{prefix}{name}.step"] = st["step"]
+    for sh in shards:
+        shape = tuple(sh.param.shape)
+        mod = modules.get(sh.name.rsplit(".", 1)[0])
+        if isinstance(mod, Experts) and len(shape) >= 1 and shape[0] == mod.n_local:
+            per = _numel(shape[1:])
+            keys = [(f"{sh.name}.{mod.first_expert + e}", e * per, shape[1:]) for e in range(mod.n_local)]
+        else:
+            keys = [(sh.name, 0, shape)]
+        out[f"{prefix}{sh.name}.step"] = sh.state["step"]
+        for key, base, kshape in keys:
+            n = _numel(kshape)
+            a, b = max(sh.start, base), min(sh.stop, base + n)
+            if a >= b:
+                continue
+            ranges = [(r, max(s, base) - base, min(e, base + n) - base) for r, s, e in sh.ranges
+                      if max(s, base) < min(e, base + n)]
+            for kind, flat in sh.state.items():
+                if kind != "step":
+                    out[f"{prefix}{key}.{kind}"] = _piece(flat[a - sh.start:b - sh.start], a - base, kshape, ranges)
     return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def _boxes(a: int, b: int, shape: tuple) -> list[tuple[tuple, tuple]]:
+    """The flat range [a, b) of a row-major tensor of `shape` as (offsets, sizes) boxes, each a
+    contiguous run of the range, in order: partial first row, whole rows, partial last row."""
+    if not shape:
+        return [((), ())] if b > a else []
+    inner = _numel(shape[1:])
+    out = []
+    if a % inner and a < b:  # a partial first row
+        row = a // inner
+        end = min(b, (row + 1) * inner)
+        out += [((row,) + o, (1,) + s) for o, s in _boxes(a - row * inner, end - row * inner, shape[1:])]
+        a = end
+    if b // inner > a // inner and a < b:  # whole rows
+        out.append(((a // inner,) + (0,) * (len(shape) - 1), (b // inner - a // inner,) + tuple(shape[1:])))
+        a = b // inner * inner
+    if a < b:  # a partial last row
+        row = a // inner
+        out += [((row,) + o, (1,) + s) for o, s in _boxes(a - row * inner, b - row * inner, shape[1:])]
+    return out
+
+
+def _piece(flat: torch.Tensor, start: int, shape: tuple, ranges) -> torch.Tensor:
+    """`flat` holds elements [start, start + len) of a tensor of `shape`; `ranges`: (global rank,
+    start, stop) of every rank's piece of it."""
+    if start == 0 and flat.numel() == _numel(shape):
+        return flat.view(shape)
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensorBase
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    dev = flat.device
+    where = "cpu" if dev.type == "cpu" else f"{dev.type}:{dev.index}"
+    me = dist.get_rank() if _dist() else 0
+    global_md, local = [], []
+    for rank, a, b in ranges:
+        for offs, sizes in _boxes(a, b, tuple(shape)):
+            md = ShardMetadata(shard_offsets=list(offs), shard_sizes=list(sizes), placement=f"rank:{rank}/{where}")
+            global_md.append(md)
+            if rank == me:
+                lo = _flat_index(offs, shape) - start
+                local.append(Shard(tensor=flat[lo:lo + _numel(sizes)].view(sizes), metadata=md))
+    meta = ShardedTensorMetadata(shards_metadata=global_md, size=torch.Size(shape),
+                                 tensor_properties=TensorProperties(dtype=flat.dtype))
+    st = ShardedTensorBase._init_from_local_shards_and_global_metadata(local, meta)
+    assert isinstance(st, ShardedTensor)
+    return st
+
+
+def _flat_index(offsets, shape) -> int:
+    idx = 0
+    for o, n in zip(offsets, shape):
+        idx = idx * int(n) + int(o)
+    return idx
 
 
 def list_complete(ckpt_root: str) -> list[tuple[int, str]]:

@@ -71,6 +71,13 @@ class TrainConfig:
 
 
 @dataclass
+class OptimConfig:
+    # AdamW moments' storage: auto = bf16 under precision=bf16|fp8 (the paper's recipe), fp32 under
+    # fp32; they are updated in fp32 either way (parallel/zero.py)
+    moment_dtype: str = "auto"  # auto | fp32 | bf16
+
+
+@dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "dsv3"
@@ -141,6 +148,7 @@ class Config:
     model: ModelConfig = MISSING
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -13,12 +13,16 @@ fp8        ``enable_fp8(model)``: attention, MLP and expert projections run thei
            GEMMs in fine-grained FP8 (E4M3, 1×128 / 128×128 scales, fp32 accumulation);     (sim)
            embedding, head, router, norms and the attention core stay high precision —
            on CUDA in bf16 autocast, on CPU in fp32 (FP8 is simulated exactly there).
-           Master weights and gradients stay fp32.
+           Weights and gradients stay fp32 (so no separate master copy).
 =========  ==============================================================================  =====
 
 bf16 on CPU is refused with a ConfigError (docs/architecture.md invariant 4: CPU runs are fp32; bf16
 matmuls on these CPUs are ~400× slower), so ``launch.train precision=bf16`` without a GPU ends
 with one line ``error: precision=bf16: ...``.
+
+Whatever the precision, the AdamW moments are stored in ``optim.moment_dtype`` (auto: bf16 under
+bf16/fp8) and a non-FP32 weight gets an FP32 master copy, both only in this rank's ZeRO-1 range
+(parallel/zero.py).
 
 Only the forward needs the context: autograd runs each backward op in the dtype its forward op
 used, and non-reentrant activation checkpointing restores the forward's autocast state when it
@@ -34,6 +38,7 @@ outer hook (the checkpoint keeps only its inputs, which are counted).
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, ContextManager, Iterable, Optional, Union
 
 import torch
@@ -42,7 +47,7 @@ from torch import nn
 from model.config import PRECISIONS, ConfigError
 from model.transformer import enable_fp8
 
-__all__ = ["PRECISIONS", "SavedActivations", "apply_precision", "check_precision", "saved_activation_bytes"]
+__all__ = ["PRECISIONS", "LiveSavedActivations", "SavedActivations", "apply_precision", "check_precision", "saved_activation_bytes"]
 
 AutocastFactory = Callable[[], ContextManager]
 
@@ -148,3 +153,74 @@ def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor], bac
         loss.backward()
     del loss
     return meter.bytes
+
+
+class _Held:
+    """A saved tensor while autograd keeps it: dropping the last one of a storage frees its bytes."""
+
+    __slots__ = ("tensor", "key", "meter")
+
+    def __init__(self, tensor: torch.Tensor, key, meter: "LiveSavedActivations"):
+        self.tensor, self.key, self.meter = tensor, key, meter
+
+    def __del__(self):
+        self.meter._release(self.key)
+
+
+class LiveSavedActivations:
+    """The PEAK of the bytes autograd holds for backward over a step (``saved_activation_bytes``).
+
+    ``hooks()`` is a context (enter it around every forward, in the thread that runs it: saved
+    tensor hooks are thread-local) that wraps each saved tensor in a holder; a storage counts, at
+    full size, from its first save until autograd drops its last holder (after that backward).
+    Parameters and buffers of ``exclude`` are not activations and are not counted. ``reset()``
+    starts a step; ``peak`` is the largest live total since."""
+
+    def __init__(self, exclude: Iterable[nn.Module] = ()):
+        self._excluded = {_storage_key(t.detach())[0] for m in exclude for t in (*m.parameters(), *m.buffers())}
+        self._refs: dict = {}
+        self._sizes: dict = {}
+        self._live = 0
+        self.peak = 0
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = self._live
+
+    def _pack(self, t: torch.Tensor):
+        if t.layout != torch.strided or t.is_meta:
+            return t
+        key, nbytes = _storage_key(t)
+        if key in self._excluded or nbytes == 0:
+            return t
+        with self._lock:
+            if key not in self._refs:
+                self._refs[key], self._sizes[key] = 0, nbytes
+                self._live += nbytes
+                self.peak = max(self.peak, self._live)
+            self._refs[key] += 1
+        return _Held(t, key, self)
+
+    def _release(self, key) -> None:
+        with self._lock:
+            self._refs[key] -= 1
+            if not self._refs[key]:
+                del self._refs[key]
+                self._live -= self._sizes.pop(key)
+
+    @staticmethod
+    def _unpack(h):
+        return h.tensor if isinstance(h, _Held) else h
+
+    def hooks(self) -> ContextManager:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
+def metered(forward_context: AutocastFactory, meter: LiveSavedActivations) -> AutocastFactory:
+    """The forward's context factory that also enters ``meter.hooks()``."""
+    @contextlib.contextmanager
+    def both():
+        with forward_context(), meter.hooks():
+            yield
+    return both

@@ -27,13 +27,13 @@ from parallel.pipeline import SCHEDULES, get_schedule
 from parallel.pipeline.runtime import PipelineEngine
 from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
 from parallel.topology import Layout, init_distributed, validate_for_model
-from parallel.zero import build_optimizer
+from parallel.zero import MOMENT_DTYPES, build_optimizer, moment_dtype_for
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.ema import CPUEMA
 from trainer.local_engine import LocalEngine
 from trainer.schedules import Schedules
-from trainer.precision import apply_precision, check_precision
+from trainer.precision import LiveSavedActivations, apply_precision, check_precision, metered
 from trainer.preemption import PreemptionFlag, Preempted, parse_signals
 from trainer.faults import FaultPlan
 from trainer import step_guard
@@ -59,6 +59,8 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.optim.moment_dtype not in ("auto", *MOMENT_DTYPES):
+        raise ConfigError(f"optim.moment_dtype: expected auto|{'|'.join(MOMENT_DTYPES)}, got {cfg.optim.moment_dtype!r}")
     if not 0.0 <= t.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
     if t.eval_every < 0:
@@ -213,6 +215,8 @@ class Trainer:
             set_recompute(m, cfg.train.recompute)
         # the step engine enters the precision's autocast around every forward (one owner for
         # every layout; the pipeline runtime must enter it in the thread that runs each forward)
+        self.activations = LiveSavedActivations(exclude=modules)  # saved_activation_bytes
+        autocast = metered(autocast, self.activations)
         if self.schedule is None:
             self.engine = LocalEngine(modules[0], self.topo, autocast=autocast)
         else:
@@ -220,7 +224,8 @@ class Trainer:
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
         t = cfg.train
-        self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero)
+        self.optimizer = build_optimizer(self.engine.named_parameters(), t, self.topo, zero=cfg.parallel.zero,
+                                         moment_dtype=moment_dtype_for(cfg.optim.moment_dtype, cfg.precision))
         self.param_bytes = count_bytes(p for _, p in self.engine.named_parameters())
         self.ema = None
         if t.ema_decay > 0:
@@ -251,7 +256,7 @@ class Trainer:
         state, named_modules = {}, self._named_modules()
         for m in self.modules:
             state.update(ckpt.model_state(m))
-        state.update(ckpt.optimizer_state(named_modules, self.optimizer.owned()))
+        state.update(ckpt.optimizer_state(named_modules, self.optimizer.shards()))
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
             state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), named_modules).items()})
         return state
@@ -438,6 +443,7 @@ class Trainer:
                 lr, batch = now["lr"], now["global_batch"]
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
+                self.activations.reset()
                 self._apply_schedules(now)
                 self._use_batch(batch)
                 with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
@@ -469,6 +475,7 @@ class Trainer:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
                 lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), aux, *a2a])
+                memory = self._memory_bytes()
                 # losses: summed over the ranks of each replica (contract of forward_backward), then
                 # averaged over the DP replicas; a2a bytes: the total over all ranks
                 lm, mtp, aux = lm / self.layout.dp, mtp / self.layout.dp, aux / self.layout.dp
@@ -483,7 +490,7 @@ class Trainer:
                 block_s = self._save(step_no) if saved else 0.0
                 if sink is not None:
                     sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, loads),
-                                       "global_batch": batch, "samples": self.samples, **a2a, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
+                                       "global_batch": batch, "samples": self.samples, **a2a, **memory, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
                 if verdict.preempt and step_no < self.steps:
                     raise Preempted(step_no)
@@ -516,10 +523,22 @@ class Trainer:
             "mfu": mfu,
             "expert_load_cv": float(np.mean(cvs)) if cvs else 0.0,
             "step_time_s": dt,
-            "param_bytes": self.param_bytes,
-            "optimizer_state_bytes": self.optimizer.state_bytes(),
             "peak_memory_bytes": peak_memory_bytes(self.device),
+            "saved_activation_bytes": self.activations.peak,
         }
+
+    def _memory_bytes(self) -> dict:
+        """param/grad/optimizer-state bytes of this rank (rank 0's are the plain keys) and their
+        max and min over all ranks (one all-reduce: MAX of the values and of their negatives)."""
+        mine = {"param_bytes": self.param_bytes, "grad_bytes": self.optimizer.grad_bytes,
+                "optimizer_state_bytes": self.optimizer.state_bytes()}
+        t = torch.tensor([*mine.values(), *(-v for v in mine.values())], dtype=torch.float64)
+        if self.topo is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out = dict(mine)
+        for k, (hi, lo) in zip(mine, zip(t[:len(mine)].tolist(), t[len(mine):].tolist())):
+            out[f"{k}_max"], out[f"{k}_min"] = int(hi), int(-lo)
+        return out
 
     @staticmethod
     def _per_layer_load(loads) -> dict:

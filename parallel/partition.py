@@ -1,0 +1,49 @@
+"""The ZeRO-1 partition: which elements of a replicated parameter list each rank of its group
+updates and keeps optimizer state for. One pure function (no torch), used by the optimizer
+(parallel/zero.py) and by the planner (parallel/planner.py), so planned bytes are the run's bytes.
+
+The parameters of one optimizer part (the non-expert ones over DP, the expert ones over
+expert-DP) are laid end to end in optimizer order, as Megatron's and DeepSpeed's flat buffers
+do, and the concatenation is cut into `group_size` contiguous ranges whose lengths differ by at
+most one element: every rank holds within one element of 1/N of the state, whatever the
+parameter sizes (a whole-parameter owner, as torch's ZeroRedundancyOptimizer assigns, leaves a
+rank with the whole embedding at 2048 GPUs). A range may start and end inside a parameter; each
+rank's share is listed per parameter as (index, start, stop) flat element offsets, so states keep
+their parameter's global name (trainer/checkpoint.py saves them as pieces that DCP reshards).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+Piece = Tuple[int, int, int]  # (parameter index, first flat element, one past the last)
+
+
+def shard_range(total: int, group_size: int, rank: int) -> Tuple[int, int]:
+    """[lo, hi) of rank `rank` over `total` concatenated elements: lengths differ by <= 1."""
+    if group_size < 1 or not 0 <= rank < group_size:
+        raise ValueError(f"rank {rank} outside a group of {group_size}")
+    return total * rank // group_size, total * (rank + 1) // group_size
+
+
+def zero_partition(numels: Sequence[int], group_size: int) -> List[List[Piece]]:
+    """Per rank of the group, the pieces of the parameters (of `numels` elements, in optimizer
+    order) whose optimizer state it holds: [[(index, start, stop), ...] for each rank]."""
+    offsets = [0]
+    for n in numels:
+        offsets.append(offsets[-1] + int(n))
+    out: List[List[Piece]] = []
+    for rank in range(group_size):
+        lo, hi = shard_range(offsets[-1], group_size, rank)
+        pieces = []
+        for i, n in enumerate(numels):
+            a, b = max(lo, offsets[i]), min(hi, offsets[i + 1])
+            if a < b:
+                pieces.append((i, a - offsets[i], b - offsets[i]))
+        out.append(pieces)
+    return out
+
+
+def rank_elements(numels: Sequence[int], group_size: int, rank: int) -> int:
+    """Elements of optimizer state rank `rank` holds (sum of its pieces)."""
+    lo, hi = shard_range(sum(int(n) for n in numels), group_size, rank)
+    return hi - lo
