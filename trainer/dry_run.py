@@ -29,7 +29,7 @@ from parallel.grads import count_bytes
 from parallel.pipeline import get_schedule, validate as validate_schedule
 from parallel.planner import rank_activation_bytes
 from parallel.topology import Topology
-from parallel.zero import build_optimizer
+from parallel.zero import build_optimizer, moment_dtype_for
 from trainer.precision import apply_precision
 from trainer.trainer import build_modules, expert_dispatch, expert_nodes, plan_stages, schedules, validate
 
@@ -84,8 +84,9 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
         for m in modules:  # as the engines list them: every parameter once (one shared embedding)
             named.update(dict(m.named_parameters()))
         named = sorted(named.items()) if schedule is not None else list(modules[0].named_parameters())
-        optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero)
-        optimizer.owned()  # materialise this rank's AdamW states (on the meta device: no memory)
+        # this rank's ZeRO-1 states, allocated on the meta device with the parameters (no memory)
+        optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero,
+                                    moment_dtype=moment_dtype_for(cfg.optim.moment_dtype, cfg.precision))
         return topo, modules, named, optimizer
     finally:
         dist.destroy_process_group()
