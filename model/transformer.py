@@ -57,6 +57,9 @@ class DeepSeekV3(nn.Module):
 
     `layer_ids`, `has_embed`, `has_head` select one pipeline stage; the defaults build the whole
     model. The head stage also holds the MTP modules and (for them) the embedding.
+    `init_seed`: the weights are initialised (init_weights, seeded per global name) unless it is
+    None or the model is built on the meta device: the cheap paths for the planner and for code
+    that loads or re-initialises the weights itself.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class DeepSeekV3(nn.Module):
         layer_ids: Optional[Iterable[int]] = None,
         has_embed: bool = True,
         has_head: bool = True,
+        init_seed: Optional[int] = 0,
     ):
         super().__init__()
         self.cfg = cfg
@@ -80,6 +84,8 @@ class DeepSeekV3(nn.Module):
         else:
             self.norm = self.head = self.mtp = None
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        if init_seed is not None and not self.rope.is_meta:
+            self.init_weights(init_seed)
 
     # ----- forward pieces (the pipeline runtime calls these per stage) -----
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,10 @@ class TrainConfig:
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
     eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
     eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
+    # Intra-op threads per process on CPU. 0 = $OMP_NUM_THREADS when set, else the cores divided by
+    # the ranks on this machine. Tiny models step fastest with 1 (thread hand-offs cost more than
+    # they save, and much more on a busy machine), so `OMP_NUM_THREADS=1` is worth trying there.
+    threads: int = 0
 
 
 @dataclass
@@ -66,8 +70,11 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end if final=true)
     resume: str = "auto"  # auto | none | <path to a step_N folder>
-    final: bool = False
-    keep: int = 3
+    final: bool = True  # a checkpoint after the last step (launch.convert export reads it); false = none
+    keep: int = 3  # newest checkpoints of this run's lineage kept (0 = all); other runs' are never pruned
+    # run.dir holds another run's checkpoints/metrics: true moves them into run.dir/replaced_<n>/ and
+    # starts over (with resume=none); false stops with an error naming what is there.
+    overwrite: bool = False
 
 
 @dataclass

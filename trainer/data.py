@@ -449,6 +449,14 @@ class TokenDataset:
         self._seed_key = int(_mix64(np.array([int(cfg.seed) & (2 ** 64 - 1)],
                                              dtype=np.uint64))[0])
 
+    def fingerprint(self) -> dict:
+        """What a checkpoint's data position depends on: the tokenizer, the token stream's length
+        and the held-out split (the sample order's seed is data.seed, added by the caller)."""
+        with open(os.path.join(self.cache_dir, "tokenizer.json"), "rb") as f:
+            tok = hashlib.sha256(f.read()).hexdigest()[:16]
+        return {"tokenizer_sha256": tok, "n_tokens": int(self.meta["n_tokens"]),
+                "data.val_fraction": float(self.cfg.val_fraction)}
+
     @property
     def vocab_size(self) -> int:
         """The model's vocabulary size (``data.vocab_size``); every token id is below it."""

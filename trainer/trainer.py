@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from trainer.data import TokenDataset
 from trainer.engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
+from trainer.validation import validate_config
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
 
@@ -91,6 +93,7 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        validate_config(cfg)  # every key's range / enum (trainer/validation.py), one named line
         model_dict = OmegaConf.to_container(cfg.model, resolve=True)
         self.model_cfg = ModelConfig.from_dict(model_dict)
         self.rank = int(os.environ.get("RANK", "0"))
@@ -106,6 +109,9 @@ class Trainer:
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.expected = self._identity()
+        self.lineage = uuid.uuid4().hex  # replaced by the checkpoint's on resume
+        self._guard_run_dir()
         self.topo = None
         if self.layout.world_size > 1:
             self._init_distributed()
@@ -123,7 +129,7 @@ class Trainer:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
         if self.schedule is None:
-            modules = [DeepSeekV3(mcfg)]
+            modules = [DeepSeekV3(mcfg, init_seed=None)]  # initialised below, after sharding
             if self.topo is not None and self.layout.ep > 1:
                 from parallel.dispatch import apply_expert_parallel
 
@@ -187,19 +193,60 @@ class Trainer:
     def _ckpt_root(self) -> str:
         return os.path.join(self.cfg.run.dir, "checkpoints")
 
+    def _identity(self) -> dict:
+        """What a checkpoint of this run holds (saved in meta.json, compared on resume): the model
+        config, the global parameter inventory and the data fingerprint."""
+        with torch.device("meta"):  # names and shapes only: nothing allocated or initialised
+            whole = DeepSeekV3(self.model_cfg)
+        return {"model": self.model_cfg.to_dict(),
+                "params": ckpt.inventory(ckpt.model_state(whole)),
+                "data": {**self.data.fingerprint(), "data.seed": int(self.cfg.data.seed)}}
+
+    def _guard_run_dir(self) -> None:
+        """Before any process group: refuse to resume another run's checkpoint, and never write over
+        or prune another run's checkpoints and metrics (checkpoint.overwrite=true moves them aside)."""
+        c, run_dir = self.cfg.checkpoint, self.cfg.run.dir
+        found = ckpt.list_complete(self._ckpt_root())
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        has_metrics = os.path.exists(metrics) and os.path.getsize(metrics) > 0
+        how = ("use a new run.dir, or checkpoint.resume=none checkpoint.overwrite=true to move the old run "
+               f"into {run_dir}/replaced_<n>/ and start over")
+        problem = None
+        if c.resume not in ("auto", "none"):
+            if not os.path.exists(os.path.join(c.resume, "meta.json")):
+                raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not a complete checkpoint (no meta.json)")
+            diff = ckpt.incompatibility(ckpt.read_meta(c.resume), self.expected)
+            if diff:
+                raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not this run's checkpoint: {diff}")
+            return
+        if c.resume == "auto" and found:
+            try:
+                diff = ckpt.incompatibility(ckpt.read_meta(found[-1][1]), self.expected)
+            except (OSError, ValueError):
+                diff = None  # unreadable: load_newest names it and tries an older one
+            if diff:
+                problem = f"checkpoint.resume=auto: {found[-1][1]} is another run's checkpoint: {diff}"
+        elif found or has_metrics:  # resume=none, or auto with metrics but no checkpoint to continue from
+            what = f"{len(found)} checkpoint(s)" if found else "metrics.jsonl but no checkpoint"
+            problem = f"checkpoint.resume={c.resume}: run.dir {run_dir} already holds a run ({what})"
+        if problem is None:
+            return
+        if not c.overwrite:
+            raise ckpt.CheckpointError(f"{problem}; {how}")
+        if self.is_main:
+            moved = ckpt.move_aside(run_dir)
+            print(f"checkpoint.overwrite: moved the previous run into {moved}", flush=True)
+
     def _resume(self) -> int:
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return 0
         explicit = None if mode == "auto" else mode
-        had_any = bool(explicit) or bool(ckpt.list_complete(self._ckpt_root()))
-        meta = ckpt.load_newest(self._ckpt_root(), self._state, explicit)
-        if meta is None:
-            if had_any:  # a failed load may have written into some tensors: start clean
-                for m in self.modules:
-                    m.init_weights(self.cfg.train.seed)
-                self.optimizer.reset_state()
+        found = ckpt.load_newest(self._ckpt_root(), self._state, explicit, self.expected)
+        if found is None:
             return 0
+        meta, path = found
+        self.lineage = meta.get("lineage", self.lineage)
         if meta.get("global_batch") != self.cfg.train.global_batch:
             raise ConfigError(
                 f"train.global_batch={self.cfg.train.global_batch} differs from the checkpoint's "
@@ -207,7 +254,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
         if self.is_main:
-            print(f"resumed from {self.cfg.run.dir}/checkpoints/step_{meta['step']}", flush=True)
+            print(f"resumed from {path} (step {meta['step']})", flush=True)
         return int(meta["step"])
 
     def _save(self, step: int) -> None:
@@ -219,6 +266,8 @@ class Trainer:
             "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
                        "schedule": self.cfg.parallel.schedule},
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "lineage": self.lineage,
+            **self.expected,
         }
         ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
 
