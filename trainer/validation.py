@@ -187,8 +187,8 @@ RULES: dict[str, Rule] = {
     "data.lock_timeout_s": positive(),
     # logging.*
     "logging.wandb": one_of("disabled", "offline", "online"),
-    "logging.project": Rule(lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty string, got {v!r}", ("' '",)),
-    "logging.name": Rule(_nonempty_name, ("' '",)),
+    "logging.project": Rule(lambda v: None if isinstance(v, str) and v.strip() else f"must be a non-empty string, got {v!r}", (" ",)),
+    "logging.name": Rule(_nonempty_name, (" ",)),
     "logging.progress": TYPED,
     "logging.peak_tflops": at_least(0),
     "logging.log_expert_load_per_layer": TYPED,
@@ -211,7 +211,7 @@ RULES: dict[str, Rule] = {
     "plan.mode": one_of("auto", "model", "schedule", "full"),
     "plan.hardware": Rule(_hardware_profile, ("h900",)),
     "plan.achievable_fraction": in_range(0, 1, lo_open=True),
-    "plan.cost": Rule(_cost, ("{f:-1}",)),
+    "plan.cost": Rule(_cost, ({"f": -1.0},)),
     "plan.world_size": at_least(0),
     "plan.global_batch": at_least(0),
     "plan.micro_batch": at_least(0),
@@ -219,7 +219,7 @@ RULES: dict[str, Rule] = {
     "plan.precision": one_of("", *PRECISIONS),
     "plan.recompute": one_of("", *RECOMPUTE),
     "plan.zero": TYPED,
-    "plan.sensitivity": Rule(_fractions, ("[0.5,2]",)),
+    "plan.sensitivity": Rule(_fractions, ([0.5, 2.0],)),
     "plan.split": one_of("runtime", "rank_balanced"),
     # launch.*
     "launch.nproc_per_node": at_least(1, 0),
