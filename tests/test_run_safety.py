@@ -16,10 +16,13 @@ from trainer.checkpoint import CheckpointError
 
 
 def _snapshot(run_dir) -> dict:
-    """Every file under run_dir with its bytes (to show nothing was touched)."""
+    """Every file under run_dir with its bytes (to show nothing was touched); Hydra's own job log
+    (train.log, appended to by every invocation) left out."""
     out = {}
     for d, _, files in os.walk(run_dir):
         for f in files:
+            if f == "train.log":
+                continue
             p = os.path.join(d, f)
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, run_dir)] = fh.read()

@@ -357,6 +357,13 @@ class Trainer:
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         start = self._resume()
+        if start >= t.steps:  # e.g. `make train` again after it finished: keep the run as it is
+            if self.is_main:
+                print(f"nothing to train: {cfg.run.dir} is at step {start} of train.steps={t.steps}", flush=True)
+            self.engine.close()
+            if self.ema is not None:
+                self.ema.close()
+            return
         sink = None
         if self.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)
