@@ -144,7 +144,7 @@ def test_train_export_transformers_same_logits(tmp_path, capsys):
     # a step folder works the same way, and a folder with no checkpoint is one named error
     convert(["export", str(tmp_path / "run" / "checkpoints" / "step_3"), str(tmp_path / "hf2")])
     assert (tmp_path / "hf2" / "config.json").exists()
-    with pytest.raises(SystemExit, match=r"^error: export: .*neither a step_N checkpoint folder"):
+    with pytest.raises(SystemExit, match=r"^error: export: .*no checkpoints/ and not a step_N folder"):
         convert(["export", str(tmp_path), str(tmp_path / "hf3")])
 
 
