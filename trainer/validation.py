@@ -18,6 +18,9 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Optional
 
 from model.config import ConfigError
+from model.transformer import RECOMPUTE_MODES as _RECOMPUTE
+from parallel.pipeline import SCHEDULES as _SCHEDULES
+from trainer.precision import PRECISIONS as _PRECISIONS
 
 Check = Optional[Callable[[Any], Optional[str]]]
 
@@ -130,9 +133,9 @@ def _nonempty_name(v) -> Optional[str]:
     return None if v is None or (isinstance(v, str) and v.strip()) else f"must be a non-empty string or null, got {v!r}"
 
 
-PRECISIONS = ("fp32", "bf16", "fp8")
-RECOMPUTE = ("none", "norm_and_up_proj", "full")
-SCHEDULES = ("1f1b", "dualpipe", "dualpipev")
+PRECISIONS = tuple(_PRECISIONS)
+RECOMPUTE = tuple(_RECOMPUTE)
+SCHEDULES = tuple(_SCHEDULES)
 
 RULES: dict[str, Rule] = {
     # model.* (ModelConfig.validate): an example each of what it refuses
