@@ -44,7 +44,7 @@ def _worker(rank, world, args):
     import torch
     import torch.distributed as dist
 
-    from parallel.pipeline.engine import PipelineEngine
+    from parallel.pipeline.runtime import PipelineEngine
     from parallel.pipeline.stages import build_stage_modules, plan_pipeline
     from parallel.pipeline.timeline import Timeline
     from parallel.topology import Topology

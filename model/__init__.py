@@ -1,5 +1,17 @@
 """DeepSeek-V3 model in pure PyTorch (no torch.distributed)."""
-from model.config import ConfigError, ModelConfig
-from model.transformer import DeepSeekV3, LossOutput, enable_fp8, set_recompute
+import importlib
 
+# Re-exports are resolved lazily, so that torch-free modules (model.config, model.naming) can be
+# imported by the planner without pulling in torch.
+_EXPORTS = {
+    "ConfigError": "model.config", "ModelConfig": "model.config",
+    "DeepSeekV3": "model.transformer", "LossOutput": "model.transformer",
+    "enable_fp8": "model.transformer", "set_recompute": "model.transformer",
+}
 __all__ = ["ConfigError", "ModelConfig", "DeepSeekV3", "LossOutput", "enable_fp8", "set_recompute"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -10,6 +10,17 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 
+# The run-time numerics options of a model (train.recompute, precision), named here once: the
+# model and trainer validate against them and the torch-free planner enumerates them.
+RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
+PRECISIONS = ("fp32", "bf16", "fp8")
+
+
+def unknown_keys(cls, d: dict) -> list:
+    """Keys of `d` that are not fields of the dataclass `cls`, sorted (for one named error)."""
+    return sorted(set(d) - {f.name for f in fields(cls)})
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the offending key."""
 
@@ -84,8 +95,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_keys(cls, d)
         if unknown:
             raise ConfigError(f"model: unknown key(s) {unknown}")
         cfg = cls(**d)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
+from model.naming import is_expert_param
+from model.transformer import DeepSeekV3
 
 
 @dataclass
@@ -18,8 +20,6 @@ class ParamCounts:
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
-    from model.transformer import DeepSeekV3
-
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     total = mtp = routed = 0
@@ -28,7 +28,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
             mtp += p.numel()
             continue
         total += p.numel()
-        if ".experts." in name:
+        if is_expert_param(name):
             routed += p.numel()
     emb = model.embed.weight.numel()
     activated = total - routed + routed * cfg.n_activated_experts // cfg.n_routed_experts

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.fp8 import fp8_linear
 
 
 class Linear(nn.Linear):
@@ -23,8 +24,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            from model.fp8 import fp8_linear
-
             return fp8_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

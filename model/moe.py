@@ -8,14 +8,29 @@ Both share `permute_by_expert` and `combine_topk`, so they sum in the same order
 """
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
+from model.fp8 import fp8_linear
 from model.layers import MLP
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Where a model's routed experts live, fixed when the model is built (the default: all of
+    them in this process, one node). Under expert parallelism EP rank `ep_rank` of `ep` holds the
+    experts [ep_rank·n/ep, (ep_rank+1)·n/ep) of every MoE layer; `n_nodes` is how many node blocks
+    the n experts are laid out over, for node-limited routing (model.max_nodes_per_token). The
+    single-process reference of an EP run uses the same `n_nodes` so that it routes identically."""
+
+    ep_rank: int = 0
+    ep: int = 1
+    n_nodes: int = 1
 
 
 class Router(nn.Module):
@@ -25,15 +40,14 @@ class Router(nn.Module):
     the gate weights. It is a buffer (no gradient), moved by `bias_update` after each step.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, n_nodes: int = 1):
         super().__init__()
         self.n_experts, self.topk = cfg.n_routed_experts, cfg.n_activated_experts
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.score_func, self.route_scale = cfg.score_func, cfg.route_scale
         self.max_nodes = cfg.max_nodes_per_token
-        # Experts are laid out contiguously over `n_nodes` nodes (set by the parallel layout via
-        # DeepSeekV3.set_expert_nodes; the single-process reference sets the same value).
-        self.n_nodes = 1
+        # Experts are laid out contiguously over `n_nodes` nodes (ExpertPlacement.n_nodes).
+        self.n_nodes = n_nodes
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
@@ -80,10 +94,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [M, dim], rows grouped by local expert (counts[e] rows for expert e) → [M, dim]."""
-        if self.fp8:
-            from model.fp8 import fp8_linear as linear
-        else:
-            linear = F.linear
+        linear = fp8_linear if self.fp8 else F.linear
         # unbind once: indexing w[e] per expert would make backward allocate a zero [E, out, in]
         # gradient for every expert; unbind's backward is a single stack.
         w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
@@ -177,13 +188,20 @@ def in_recompute() -> bool:
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Router, this process's share of the routed experts (`placement`), the shared experts, and
+    the dispatcher that moves tokens to their experts (None: LocalDispatcher, every expert here)."""
+
+    def __init__(self, cfg: ModelConfig, placement: ExpertPlacement = ExpertPlacement(),
+                 dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         self.n_experts, self.alpha = cfg.n_routed_experts, cfg.balance_alpha
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        if self.n_experts % placement.ep:
+            raise ConfigError(f"model.n_routed_experts={self.n_experts} not divisible by parallel.ep={placement.ep}")
+        n_local = self.n_experts // placement.ep
+        self.gate = Router(cfg, placement.n_nodes)
+        self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first_expert=placement.ep_rank * n_local)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
-        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         # Scale of the balance-loss gradient (the trainer sets 1/#micro-batches, like the LM loss).
         self.aux_loss_scale = 1.0
         # Step statistics, read and reset by the trainer: routed tokens per expert (global ids) and

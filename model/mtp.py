@@ -8,22 +8,25 @@ head. Embedding and head belong to the main model and are passed in, never copie
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
+from model.block import Block
 from model.config import ModelConfig
 from model.layers import Linear, RMSNorm
+from model.moe import Dispatcher, ExpertPlacement
 
 
 class MTPModule(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        from model.transformer import Block
-
+    def __init__(self, cfg: ModelConfig, layer_id: int, experts: ExpertPlacement = ExpertPlacement(),
+                 dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = Linear(2 * cfg.dim, cfg.dim)
-        self.block = Block(cfg, layer_id)
+        self.block = Block(cfg, layer_id, experts, dispatcher)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # "shared_head.norm" in the released weights
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -15,34 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention import MLA
-from model.config import ConfigError, ModelConfig
-from model.layers import MLP, Linear, RMSNorm, rope_cache
-from model.moe import MoE, Experts, Router, bias_update
+from model.block import Block
+from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig
+from model.layers import Linear, RMSNorm, rope_cache
+from model.moe import Dispatcher, ExpertPlacement, MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE."""
-
-    def __init__(self, cfg: ModelConfig, layer_id: int):
-        super().__init__()
-        self.layer_id = layer_id
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
-        self.recompute = False  # set_recompute(model, "full"): keep only the block input for backward
-
-    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.ffn(self.ffn_norm(x))
-
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(self._forward, x, rope, use_reentrant=False)
-        return self._forward(x, rope)
 
 
 @dataclass
@@ -60,6 +37,9 @@ class DeepSeekV3(nn.Module):
     `init_seed`: the weights are initialised (init_weights, seeded per global name) unless it is
     None or the model is built on the meta device: the cheap paths for the planner and for code
     that loads or re-initialises the weights itself.
+    `experts` (which routed experts this process holds, over how many nodes) and `dispatcher`
+    (shared by every MoE layer; None = in-process) come from the parallel layout, so the model
+    built here is the model that runs: nothing is swapped in afterwards.
     """
 
     def __init__(
@@ -68,6 +48,9 @@ class DeepSeekV3(nn.Module):
         layer_ids: Optional[Iterable[int]] = None,
         has_embed: bool = True,
         has_head: bool = True,
+        *,
+        experts: ExpertPlacement = ExpertPlacement(),
+        dispatcher: Optional[Dispatcher] = None,
         init_seed: Optional[int] = 0,
     ):
         super().__init__()
@@ -76,11 +59,12 @@ class DeepSeekV3(nn.Module):
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
         needs_embed = has_embed or (has_head and cfg.mtp_depth > 0)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, experts, dispatcher) for i in ids})
         if has_head:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.head = Linear(cfg.dim, cfg.vocab_size)
-            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth))
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, experts, dispatcher)
+                                     for k in range(cfg.mtp_depth))
         else:
             self.norm = self.head = self.mtp = None
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
@@ -130,7 +114,8 @@ class DeepSeekV3(nn.Module):
             m.aux_loss_scale = scale
 
     def set_expert_nodes(self, n_nodes: int) -> None:
-        """How many nodes the routed experts are spread over (for node-limited routing)."""
+        """How many nodes the routed experts are spread over (for node-limited routing). Training
+        builds the model with it (ExpertPlacement.n_nodes); this is for experiments on a built model."""
         for m in self.moe_layers().values():
             m.gate.n_nodes = n_nodes
 
@@ -175,9 +160,6 @@ def enable_fp8(model: nn.Module) -> int:
             mod.fp8 = True
             n += 1
     return n
-
-
-RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
 
 
 def set_recompute(model: nn.Module, mode: str) -> None:

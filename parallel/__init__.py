@@ -1,6 +1,6 @@
 """Everything that knows about ranks: layout and process groups (parallel.topology),
-expert-parallel dispatch and EP/DP gradient reduction (parallel.dispatch), pipeline schedules
-(parallel.pipeline), ZeRO-1 (parallel.zero), gradient norms (parallel.grads), the planner
+expert-parallel dispatch (parallel.dispatch), pipeline schedules
+(parallel.pipeline), ZeRO-1 (parallel.zero), gradient reduction and norms (parallel.grads), the planner
 (parallel.planner), and a multi-process test runner (parallel.testing).
 
 Rank layout: world = pp × dp, rank = pp_rank·dp + dp_rank (consecutive ranks share a pipeline
@@ -13,7 +13,7 @@ import importlib
 # not pull in torch.distributed or the model.
 _EXPORTS = {
     "AllToAllDispatcher": "parallel.dispatch", "LocalDispatcher": "parallel.dispatch",
-    "allreduce_gradients": "parallel.dispatch", "apply_expert_parallel": "parallel.dispatch",
+    "allreduce_gradients": "parallel.grads", "apply_expert_parallel": "parallel.dispatch",
     "global_expert_load": "parallel.dispatch", "shard_experts": "parallel.dispatch",
     "Layout": "parallel.topology", "LayoutError": "parallel.topology", "Topology": "parallel.topology",
     "init_distributed": "parallel.topology", "validate_for_model": "parallel.topology",

@@ -34,10 +34,11 @@ from torch import nn
 
 from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, in_recompute,
                        inverse_permutation, permute_by_expert)
+from parallel.grads import group_size
 
 __all__ = [
     "AllToAllDispatcher", "Dispatcher", "LocalDispatcher", "DispatchHandle", "CombineHandle", "Dispatched",
-    "shard_experts", "apply_expert_parallel", "allreduce_gradients", "global_expert_load",
+    "shard_experts", "apply_expert_parallel", "global_expert_load",
 ]
 
 STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_inter_node_two_hop",
@@ -311,80 +312,8 @@ def apply_expert_parallel(model: nn.Module, topo: Any, *, source: Optional[nn.Mo
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient and load reductions (plain all-reduce; ZeRO-1 replaces the gradient part)
+# Expert-load reduction (the gradient reductions live in parallel/grads.py)
 # ----------------------------------------------------------------------------------------------
-
-def _group_size(group: Any) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
-def _coalesced_all_reduce(tensors: list[torch.Tensor], group: Any, bucket_elems: int) -> None:
-    """In-place SUM all-reduce of `tensors` over `group`, flattened into buckets per dtype/device."""
-    if _group_size(group) == 1 or not tensors:
-        return
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_kind.setdefault((t.dtype, t.device), []).append(t)
-    for ts in by_kind.values():
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, t in enumerate(ts):
-            bucket.append(t)
-            size += t.numel()
-            if size >= bucket_elems or i == len(ts) - 1:
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat, group=group)
-                off = 0
-                for b in bucket:
-                    b.copy_(flat[off:off + b.numel()].view_as(b))
-                    off += b.numel()
-                bucket, size = [], 0
-
-
-def _named_params(model: Union[nn.Module, Iterable[nn.Module]]) -> list[tuple[str, nn.Parameter, bool]]:
-    """(name, parameter, is_expert) for every trainable parameter, sorted by name (so ranks holding
-    the same chunks in a different order still reduce matching tensors)."""
-    mods = [model] if isinstance(model, nn.Module) else list(model)
-    seen: set[int] = set()
-    out = []
-    for m in mods:
-        expert_ids = {id(p) for mod in m.modules() if isinstance(mod, Experts) for p in mod.parameters()}
-        for name, p in m.named_parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append((name, p, id(p) in expert_ids))
-    return sorted(out, key=lambda t: t[0])
-
-
-@torch.no_grad()
-def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Module]], topo: Any, *,
-                        stage_pair: bool = False, bucket_mb: float = 25.0) -> None:
-    """Make every gradient the gradient of the GLOBAL batch-mean loss, given that each DP rank
-    back-propagated the mean loss of its own (equal-sized) local batch.
-
-    Non-expert grads: mean over the DP group (Σ_dp / dp). Expert grads: an expert shard's grad
-    already sums, through the all-to-all backward, the contributions of the tokens of every rank
-    of its EP group (each ∂L_r/∂W with L_r that rank's local mean); summing over the expert-DP
-    replicas then covers all dp ranks once, so: Σ_edp / dp.
-    Missing grads (a shard that received no token, an unused parameter) are materialised as
-    zeros so every rank all-reduces the same buckets. With `stage_pair=True` (DualPipe: pass both
-    chunks), grads are first SUMMED over the stage-pair group (no rescaling).
-    """
-    params = _named_params(model)
-    for _, p, _ in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
-    if stage_pair and topo.stage_pair_group is not None and len(topo.stage_pair_ranks) > 1:
-        _coalesced_all_reduce([p.grad for _, p, _ in params], topo.stage_pair_group, bucket_elems)
-    dense = [p.grad for _, p, is_exp in params if not is_exp]
-    expert = [p.grad for _, p, is_exp in params if is_exp]
-    scale = 1.0 / topo.dp
-    for g in dense + expert:
-        g.mul_(scale)
-    _coalesced_all_reduce(dense, topo.dp_group, bucket_elems)
-    _coalesced_all_reduce(expert, topo.edp_group, bucket_elems)
-
 
 @torch.no_grad()
 def global_expert_load(model: Union[nn.Module, Iterable[nn.Module]], topo: Any, *,
@@ -397,7 +326,7 @@ def global_expert_load(model: Union[nn.Module, Iterable[nn.Module]], topo: Any, 
     if not names:
         return {}
     flat = torch.cat([layers[n].tokens_per_expert.float().reshape(-1) for n in names])
-    if _group_size(topo.dp_group) > 1:
+    if group_size(topo.dp_group) > 1:
         dist.all_reduce(flat, group=topo.dp_group)
     if stage_pair and topo.stage_pair_group is not None and len(topo.stage_pair_ranks) > 1:
         dist.all_reduce(flat, group=topo.stage_pair_group)

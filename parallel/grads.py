@@ -1,6 +1,12 @@
-"""Global gradient norm and clipping over a sharded model.
+"""Gradient reduction over the layout, then the global gradient norm and clipping.
 
-Each gradient element must be counted exactly once in the norm, whatever the layout:
+Reduction (before the optimizer step; ZeRO-1 relies on full gradients, gloo has no
+reduce-scatter): `sum_over_stage_pair` adds the gradients of parameters that both ranks of a
+pipeline stage pair hold (DualPipe's two stage copies, 1F1B's tied embedding); then
+`allreduce_gradients` turns every gradient into the gradient of the GLOBAL batch-mean loss over
+DP (non-expert) and expert-DP (expert) replicas.
+
+Norm: each gradient element must be counted exactly once in the norm, whatever the layout:
 non-expert gradients are replicated over DP (count on one copy: they are identical after the
 DP reduction), expert gradients are distinct over EP and replicated over expert-DP, stages are
 distinct over PP. So: Σ expert² is summed over the EP group, then everything over the PP group.
@@ -8,12 +14,102 @@ distinct over PP. So: Σ expert² is summed over the EP group, then everything o
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from parallel.param_groups import is_expert_param
+from model.naming import is_expert_param
+
+
+def group_size(group: Any) -> int:
+    """Ranks in `group` (1 for None: a single process or an unsplit dimension)."""
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group: Any) -> int:
+    """In-place SUM all-reduce of `tensors` as ONE flat buffer (one collective); returns its bytes."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
+    return flat.numel() * flat.element_size()
+
+
+def _coalesced_all_reduce(tensors: list[torch.Tensor], group: Any, bucket_elems: int) -> None:
+    """In-place SUM all-reduce of `tensors` over `group`, flattened into buckets per dtype/device."""
+    if group_size(group) == 1 or not tensors:
+        return
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    for ts in by_kind.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, t in enumerate(ts):
+            bucket.append(t)
+            size += t.numel()
+            if size >= bucket_elems or i == len(ts) - 1:
+                _all_reduce_flat(bucket, group)
+                bucket, size = [], 0
+
+
+def _named_params(model: Union[nn.Module, Iterable[nn.Module]]) -> list[tuple[str, nn.Parameter, bool]]:
+    """(name, parameter, is_expert) for every trainable parameter, sorted by name (so ranks holding
+    the same chunks in a different order still reduce matching tensors)."""
+    mods = [model] if isinstance(model, nn.Module) else list(model)
+    seen: set[int] = set()
+    out = []
+    for m in mods:
+        for name, p in m.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append((name, p, is_expert_param(name)))
+    return sorted(out, key=lambda t: t[0])
+
+
+@torch.no_grad()
+def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Module]], topo: Any, *,
+                        bucket_mb: float = 25.0) -> None:
+    """Make every gradient the gradient of the GLOBAL batch-mean loss, given that each DP rank
+    back-propagated the mean loss of its own (equal-sized) local batch.
+
+    Non-expert grads: mean over the DP group (Σ_dp / dp). Expert grads: an expert shard's grad
+    already sums, through the all-to-all backward, the contributions of the tokens of every rank
+    of its EP group (each ∂L_r/∂W with L_r that rank's local mean); summing over the expert-DP
+    replicas then covers all dp ranks once, so: Σ_edp / dp.
+    Missing grads (a shard that received no token, an unused parameter) are materialised as
+    zeros so every rank all-reduces the same buckets. Stage-pair sums (`sum_over_stage_pair`) come
+    first, inside the pipeline step.
+    """
+    params = _named_params(model)
+    for _, p, _ in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
+    dense = [p.grad for _, p, is_exp in params if not is_exp]
+    expert = [p.grad for _, p, is_exp in params if is_exp]
+    scale = 1.0 / topo.dp
+    for g in dense + expert:
+        g.mul_(scale)
+    _coalesced_all_reduce(dense, topo.dp_group, bucket_elems)
+    _coalesced_all_reduce(expert, topo.edp_group, bucket_elems)
+
+
+@torch.no_grad()
+def sum_over_stage_pair(params: list[nn.Parameter], group: Any) -> int:
+    """SUM the gradients of `params` (held by both ranks of a pipeline stage pair, in the same
+    order on both) over `group`, in one collective; missing grads become zeros first. Returns the
+    bytes all-reduced."""
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    return _all_reduce_flat(grads, group)
 
 
 def global_grad_norm(named_params, ep_group=None, pp_group=None) -> float:

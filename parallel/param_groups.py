@@ -1,13 +1,10 @@
-"""Which parameters are experts, and the AdamW parameter groups (no torch import: the planner
-models the trainer's optimizer with the same code the trainer runs)."""
+"""The AdamW parameter groups (no torch import: the planner models the trainer's optimizer with
+the same code the trainer runs)."""
 from __future__ import annotations
 
 from typing import Any, List, Sequence, Tuple
 
-
-def is_expert_param(name: str) -> bool:
-    """Routed-expert parameters (sharded over EP, replicated over expert-DP)."""
-    return ".experts." in name
+from model.naming import is_expert_param
 
 
 def optimizer_param_groups(named_params: Sequence[Tuple[str, Any]], weight_decay: float) -> List[Tuple[bool, List[dict]]]:

@@ -81,13 +81,14 @@ from dataclasses import asdict, dataclass, fields
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from parallel.param_groups import is_expert_param, optimizer_param_groups  # torch-free
+from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
+from model.naming import is_expert_param  # torch-free
+from parallel.param_groups import optimizer_param_groups  # torch-free
+from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
-RECOMPUTE_MODES = ("none", "norm_and_up_proj", "full")
 SPLITS = ("runtime", "rank_balanced")
-PRECISIONS = ("fp32", "bf16", "fp8")
 PAPER_GPU_HOURS_PER_T = 180_000.0  # DeepSeek-V3 report: H800 GPU-hours per trillion tokens
 
 
@@ -112,10 +113,9 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Hardware":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_keys(cls, d)
         if unknown:
-            raise PlanError(f"hardware: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise PlanError(f"hardware: unknown key(s) {unknown}; known: {sorted(f.name for f in fields(cls))}")
         return cls(**d)
 
 
@@ -226,9 +226,8 @@ def param_inventory(cfg) -> Inventory:
 
 @functools.lru_cache(maxsize=16)
 def _inventory(key: str) -> Inventory:
-    import torch
+    import torch  # deferred, as every torch-backed import here: the planner itself needs no torch
 
-    from model.config import ModelConfig
     from model.transformer import DeepSeekV3
 
     cfg = ModelConfig.from_dict(json.loads(key))
@@ -254,7 +253,7 @@ def _inventory(key: str) -> Inventory:
         s = slot(key_)
         n = p.numel()
         tensors.append(TensorSpec(name, tuple(p.shape), key_))
-        if ".experts." in name:
+        if is_expert_param(name):
             s["ep"] += n
             s["et"] += 1
             s["lp"] += 2 * n * frac
@@ -404,8 +403,6 @@ def activation_table(cfg, precision: str = "fp8") -> List[dict]:
 # ----------------------------------------------------------------------------------- stages
 def schedule_placement(schedule: str, pp: int) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
     """(n_stages, placement[rank] = stages) of a schedule, from its generator."""
-    from parallel.pipeline import get_schedule
-
     n = max(2 * pp, 2)
     n += n % 2
     s = get_schedule(schedule, pp, n)
@@ -420,8 +417,6 @@ def _part_cost(p: Part, seq: int, lp_speed: float) -> float:
 def live_points(schedule) -> List[List[Tuple[int, ...]]]:
     """Per rank: the (micro-batch count per chunk) vectors of in-flight activations that can be a
     peak for some per-chunk sizes (the Pareto-maximal ones over the rank's replay)."""
-    from parallel.pipeline import Kind
-
     out = []
     for r, acts in enumerate(schedule.actions):
         live = [0] * schedule.n_chunks(r)
@@ -520,8 +515,6 @@ def balanced_layers_per_stage(cfg, schedule: str, pp: int, n_microbatches: int, 
                               seq_len: Optional[int] = None, recompute: str = "none", ep: int = 1) -> List[int]:
     """The default `parallel.layers_per_stage` (None = balanced by layer cost): one call for the
     runtime and the planner, so predicted and real shards hold the same layers."""
-    from parallel.pipeline import get_schedule
-
     s = get_schedule(schedule, pp, n_microbatches)
     return split_layers(cfg, s.placement, s.n_stages, precision, seq_len, recompute, live_points(s), ep)
 
@@ -606,16 +599,13 @@ def _stages_for(cfg, lay: PlanLayout, precision: str, seq_len: Optional[int] = N
     is the runtime's (parallel/pipeline/stages.split_layers: what training builds) or, with
     lay.split == "rank_balanced", balanced_layers_per_stage (n_micro invalid for the schedule →
     the smallest valid count)."""
-    from parallel.pipeline import ScheduleError, get_schedule
-
     n_stages, placement = schedule_placement(lay.schedule, lay.pp)
     if lay.split not in SPLITS:
         raise PlanError(f"plan.split: expected one of {SPLITS}, got {lay.split!r}")
     if lay.layers_per_stage:
         counts = list(lay.layers_per_stage)
     elif lay.split == "runtime":
-        from model.config import ConfigError
-        from parallel.pipeline.stages import split_layers as runtime_split
+        from parallel.pipeline.stages import split_layers as runtime_split  # torch-backed (the model)
 
         try:
             counts = [len(x) for x in runtime_split(cfg, n_stages)]
@@ -681,8 +671,8 @@ def zero_owners(param_groups: Sequence[Sequence[Any]], world: int) -> List[List[
 
 def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[TensorSpec]:
     """The parameter tensors global `rank` trains, as its engine's named_parameters() lists them:
-    pp = 1 (trainer.engine.LocalEngine) in model.named_parameters() order; pp > 1
-    (parallel.pipeline.engine.PipelineEngine) every stage's parameters once, sorted by name.
+    pp = 1 (trainer.local_engine.LocalEngine) in model.named_parameters() order; pp > 1
+    (parallel.pipeline.runtime.PipelineEngine) every stage's parameters once, sorted by name.
     Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
     seq_len, recompute, n_microbatches for layout.split == "rank_balanced" (see predict_rank_bytes)."""
     lay = _as_layout(layout)
@@ -859,8 +849,6 @@ def rank_costs(chunks: Sequence[ChunkTime]) -> Dict[str, float]:
 def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[int]]:
     """Replay one rank's action list: peak of Σ bytes of (micro-batch, chunk) whose F ran and B has
     not (FB: F half first), as the simulator counts them; also the live count per chunk then."""
-    from parallel.pipeline import Kind
-
     live = [0] * len(chunk_bytes)
     peak, at = 0.0, list(live)
     for act in actions:
@@ -878,8 +866,7 @@ def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[
 def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardware(),
          fraction: float = 0.4, sensitivity: Sequence[float] = (0.3, 0.4, 0.5, 0.6)) -> dict:
     """Memory per rank, step time, GPU-hours and validity of `layout` for `recipe` on `hw`."""
-    from model.flops import train_flops_per_token
-    from parallel.pipeline import Costs, ScheduleError, get_schedule, simulate
+    from model.flops import train_flops_per_token  # torch-backed (counts a meta-device model)
 
     cfg, lay = model_cfg, _as_layout(layout)
     if recipe.recompute not in RECOMPUTE_MODES:
@@ -1072,8 +1059,6 @@ def model_counts(cfg) -> dict:
 
 def schedule_figures(schedule: str, pp: int, n_microbatches: int, costs: dict) -> dict:
     """Schedule mode: the simulator's figures for `costs` (f, b, w, fb, p2p)."""
-    from parallel.pipeline import Costs, get_schedule, simulate
-
     known = {f.name for f in fields(Costs)}
     unknown = sorted(set(costs) - known)
     if unknown:

@@ -4,7 +4,7 @@ Non-expert parameters are replicated over DP, so their AdamW states are partitio
 group; expert parameters are replicated over expert-DP (dp/ep copies), so theirs are partitioned
 over the expert-DP group. Each partition is torch's ZeroRedundancyOptimizer: every parameter is
 OWNED by one rank of its group, which keeps its moments, updates it, and broadcasts the new
-values after the step. Gradients are all-reduced beforehand (parallel.dispatch.allreduce_gradients;
+values after the step. Gradients are all-reduced beforehand (parallel.grads.allreduce_gradients;
 gloo has no reduce-scatter), so the global grad norm and clipping see full gradients.
 
 Why whole-parameter ownership rather than DeepSpeed's flat partitions: an owned parameter keeps
@@ -23,15 +23,10 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
-import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from parallel.grads import optimizer_state_bytes
+from parallel.grads import group_size, optimizer_state_bytes
 from parallel.param_groups import optimizer_param_groups
-
-
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None else 1
 
 
 class ShardedAdamW:
@@ -51,7 +46,7 @@ class ShardedAdamW:
         defaults = dict(lr=lr, betas=betas, eps=eps, foreach=True)
         for is_expert, groups in optimizer_param_groups(named, weight_decay):
             group = edp_group if is_expert else dp_group
-            if zero and _group_size(group) > 1:
+            if zero and group_size(group) > 1:
                 opt = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
                                               process_group=group, **defaults,
                                               weight_decay=groups[0]["weight_decay"])

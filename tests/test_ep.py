@@ -16,7 +16,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.moe import MoE
-from parallel.dispatch import AllToAllDispatcher, allreduce_gradients, global_expert_load, shard_experts
+from parallel.dispatch import AllToAllDispatcher, global_expert_load, shard_experts
+from parallel.grads import allreduce_gradients
 from parallel.testing import run_distributed
 from parallel.topology import Topology
 

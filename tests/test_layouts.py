@@ -1,4 +1,4 @@
-"""Layout invariance (DESIGN invariant 1): the same seed, data and global batch give the same
+"""Layout invariance (docs/architecture.md invariant 1): the same seed, data and global batch give the same
 per-step losses for every layout, to fp32 round-off (rel. 1e-5 over 10 steps).
 
 Every run also evaluates (steps 5 and 10, one held-out global batch) with a CPU EMA of the

@@ -273,6 +273,22 @@ def test_init_independent_of_order_and_stage_split():
     assert not torch.equal(model_of(cfg, seed=8).embed.weight, whole.embed.weight)  # the seed matters
 
 
+def test_expert_name_predicate_matches_module_structure():
+    """model.naming.is_expert_param (used on names by the optimizer groups, gradient reduction,
+    grad norm, FLOP counts and planner) says "expert" exactly for the parameters of Experts
+    modules (what checkpoint sharding and initialisation go by), incl. the MTP depths' experts."""
+    from model.naming import is_expert_param
+
+    cfg = tiny_cfg(mtp_depth=1)
+    for module in (DeepSeekV3(cfg), MoE(cfg)):  # whole-model names and a bare layer's names
+        by_module = {f"{mn}.{pn}" if mn else pn for mn, m in module.named_modules() if isinstance(m, Experts)
+                     for pn, _ in m.named_parameters(recurse=False)}
+        names = [n for n, _ in module.named_parameters()]
+        assert by_module and any("shared" in n for n in names)
+        assert {n for n in names if is_expert_param(n)} == by_module
+    assert any(n.startswith("mtp.") and is_expert_param(n) for n, _ in DeepSeekV3(cfg).named_parameters())
+
+
 def test_expert_shard_init_matches_full():
     cfg = tiny_cfg()
     full = model_of(cfg, seed=3)
@@ -281,6 +297,29 @@ def test_expert_shard_init_matches_full():
     shard.init_weights(3)
     for w in ("w1", "w2", "w3"):
         assert torch.equal(getattr(shard.layers["1"].ffn.experts, w), getattr(full.layers["1"].ffn.experts, w)[4:])
+
+
+
+def test_model_built_with_expert_placement_is_the_sharded_model():
+    """DeepSeekV3(cfg, experts=ExpertPlacement(ep_rank, ep, n_nodes)) holds exactly the expert
+    slice shard_experts would cut from the full model, initialised to the same values, and routes
+    over n_nodes node blocks: the trainer builds this instead of swapping after construction."""
+    from model.moe import ExpertPlacement
+
+    cfg = tiny_cfg(mtp_depth=1)
+    full = model_of(cfg, seed=3)
+    built = DeepSeekV3(cfg, experts=ExpertPlacement(ep_rank=1, ep=2, n_nodes=2))
+    built.init_weights(3)
+    n_local = cfg.n_routed_experts // 2
+    moes = built.moe_layers()
+    assert moes and any(n.startswith("mtp.") for n in moes)
+    for name, moe in moes.items():
+        assert (moe.experts.n_local, moe.experts.first_expert, moe.gate.n_nodes) == (n_local, n_local, 2)
+        ref = full.get_submodule(name).experts
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(moe.experts, w), getattr(ref, w)[n_local:])
+    dense = {n: p for n, p in built.named_parameters() if ".experts." not in n}
+    assert all(torch.equal(p, full.get_parameter(n)) for n, p in dense.items())
 
 
 # ------------------------------------------------------------------------------------------

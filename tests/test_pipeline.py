@@ -22,7 +22,7 @@ from parallel.grads import clip_grads_, global_grad_norm
 from parallel.pipeline import ScheduleError, get_schedule
 from parallel.pipeline.stages import StageError, build_stage_modules, plan_pipeline, split_layers
 from parallel.testing import run_distributed
-from trainer.engine import LocalEngine
+from trainer.local_engine import LocalEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 7
@@ -97,7 +97,7 @@ def _train_steps(engine, opt, out: dict, steps: int, micro_batches, reduce=None)
 
 def _pipeline_worker(rank, world, schedule_name, pp, n_micro, n_layers, steps, timeline_dir=None,
                      ordered_sends=False):
-    from parallel.pipeline.engine import PipelineEngine
+    from parallel.pipeline.runtime import PipelineEngine
     from parallel.pipeline.timeline import Timeline
     from parallel.topology import Topology
 
@@ -240,7 +240,7 @@ def test_bad_microbatch_counts_raise_before_any_collective():
 
 
 def test_engine_rejects_wrong_microbatch_count_before_communicating():
-    from parallel.pipeline.engine import PipelineEngine
+    from parallel.pipeline.runtime import PipelineEngine
     from parallel.topology import Topology
 
     cfg = tiny_cfg(3)
@@ -288,8 +288,8 @@ def test_stage_modules_share_the_embedding():
 
 # ---------------------------------------------------------------------------- pp x ep
 def _ep_worker(rank, world, schedule_name, pp, ep, n_micro, steps):
-    from parallel.dispatch import allreduce_gradients
-    from parallel.pipeline.engine import PipelineEngine
+    from parallel.grads import allreduce_gradients
+    from parallel.pipeline.runtime import PipelineEngine
     from parallel.pipeline.stages import shard_stage_experts
     from parallel.topology import Topology
 
@@ -403,7 +403,7 @@ def test_weight_grad_split_matches_full_backward(mode):
     """B (input grads only) + W (deferred weight grads) == one full backward, under activation
     recompute and simulated FP8 too; after B no parameter has a gradient yet."""
     from model import enable_fp8, set_recompute
-    from parallel.pipeline.engine import backward_input, backward_weight
+    from parallel.pipeline.weight_grad import backward_input, backward_weight
 
     cfg = tiny_cfg(3)
     m = DeepSeekV3(cfg, layer_ids=[1, 2], has_embed=False, has_head=True)

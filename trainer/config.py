@@ -1,5 +1,5 @@
 """Structured Hydra configs: the schema of every key in configs/ (unknown keys and wrong types
-are rejected by Hydra before anything runs). The run contract in DESIGN.md names these keys."""
+are rejected by Hydra before anything runs). README.md lists the keys users rely on."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

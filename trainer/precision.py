@@ -16,7 +16,7 @@ fp8        ``enable_fp8(model)``: attention, MLP and expert projections run thei
            Master weights and gradients stay fp32.
 =========  ==============================================================================  =====
 
-bf16 on CPU is refused with a ConfigError (DESIGN.md invariant 4: CPU runs are fp32; bf16
+bf16 on CPU is refused with a ConfigError (docs/architecture.md invariant 4: CPU runs are fp32; bf16
 matmuls on these CPUs are ~400× slower), so ``launch.train precision=bf16`` without a GPU ends
 with one line ``error: precision=bf16: ...``.
 
@@ -39,12 +39,10 @@ from typing import Callable, ContextManager, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from model.config import ConfigError
+from model.config import PRECISIONS, ConfigError
 from model.transformer import enable_fp8
 
 __all__ = ["PRECISIONS", "SavedActivations", "apply_precision", "check_precision", "saved_activation_bytes"]
-
-PRECISIONS = ("fp32", "bf16", "fp8")
 
 AutocastFactory = Callable[[], ContextManager]
 

@@ -19,12 +19,17 @@ from omegaconf import OmegaConf
 
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
 from model.flops import train_flops_per_token
-from parallel.grads import clip_grads_, count_bytes
-from parallel.topology import Layout, validate_for_model
+from model.moe import ExpertPlacement
+from parallel.dispatch import AllToAllDispatcher
+from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
+from parallel.pipeline.runtime import PipelineEngine
+from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
+from parallel.topology import Layout, init_distributed, validate_for_model
 from parallel.zero import build_optimizer
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
-from trainer.engine import LocalEngine
+from trainer.ema import CPUEMA
+from trainer.local_engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
 from trainer.validation import validate_config
@@ -72,8 +77,6 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
     """(schedule, layer split) for pp > 1, else (None, None). Pure: runs before any collective."""
     if layout.pp == 1:
         return None, None
-    from parallel.pipeline.stages import plan_pipeline
-
     layers = list(cfg.parallel.layers_per_stage) if cfg.parallel.layers_per_stage else None
     return plan_pipeline(model_cfg, cfg.parallel.schedule, layout.pp, n_micro, layers)
 
@@ -107,8 +110,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ build
     def _init_distributed(self) -> None:
-        from parallel.topology import init_distributed
-
         p = self.cfg.parallel
         self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
                                      timeout_s=p.timeout_s)
@@ -116,32 +117,30 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
+        topo, n_experts = self.topo, mcfg.n_routed_experts
+        # the model is built as it runs: this rank's experts, their dispatcher(s), the node count
+        experts = ExpertPlacement(topo.ep_rank, topo.ep, self.expert_nodes) if topo is not None \
+            else ExpertPlacement(n_nodes=self.expert_nodes)
         if self.schedule is None:
-            modules = [DeepSeekV3(mcfg, init_seed=None)]  # initialised below, after sharding
-            if self.topo is not None and self.layout.ep > 1:
-                from parallel.dispatch import apply_expert_parallel
-
-                apply_expert_parallel(modules[0], self.topo)
+            dispatcher = AllToAllDispatcher(topo.ep_group, n_experts, topo.gpus_per_node) \
+                if topo is not None and topo.ep > 1 else None
+            modules = [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, init_seed=None)]  # initialised below
         else:
-            from parallel.pipeline.stages import build_stage_modules, shard_stage_experts
-
-            modules = build_stage_modules(mcfg, self.schedule, self.topo.pp_rank, split=self.split)
-            shard_stage_experts(modules, self.topo)
+            dispatchers = stage_dispatchers(topo, len(self.schedule.placement[topo.pp_rank]), n_experts)
+            modules = build_stage_modules(mcfg, self.schedule, topo.pp_rank, split=self.split,
+                                          experts=experts, dispatchers=dispatchers)
         autocast = None
         for m in modules:
-            m.set_expert_nodes(self.expert_nodes)
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)
             autocast = apply_precision(m, cfg.precision, self.device)
             set_recompute(m, cfg.train.recompute)
+        # the step engine enters the precision's autocast around every forward (one owner for
+        # every layout; the pipeline runtime must enter it in the thread that runs each forward)
         if self.schedule is None:
-            self.engine = LocalEngine(modules[0], self.topo)
-            self.autocast = autocast
+            self.engine = LocalEngine(modules[0], self.topo, autocast=autocast)
         else:
-            from parallel.pipeline.engine import PipelineEngine
-
             self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
-            self.autocast = contextlib.nullcontext  # the engine enters it in the thread that runs each forward
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
         t = cfg.train
@@ -149,8 +148,6 @@ class Trainer:
         self.param_bytes = count_bytes(p for _, p in self.engine.named_parameters())
         self.ema = None
         if t.ema_decay > 0:
-            from trainer.ema import CPUEMA
-
             self.ema = CPUEMA(dict(self.engine.named_parameters()), decay=t.ema_decay)
 
         self.flops_per_token = train_flops_per_token(mcfg, t.seq_len)
@@ -283,8 +280,7 @@ class Trainer:
         t = self.cfg.train
         lm = mtp = 0.0
         for k in range(t.eval_batches):
-            with self.autocast():
-                losses = self.engine.evaluate(self._micro_batches(k, split="val"))
+            losses = self.engine.evaluate(self._micro_batches(k, split="val"))
             lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
         lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
         return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
@@ -292,8 +288,6 @@ class Trainer:
 
     def _reduce_gradients(self) -> None:
         if self.topo is not None:
-            from parallel.dispatch import allreduce_gradients
-
             allreduce_gradients(self.modules, self.topo)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -365,7 +359,7 @@ class Trainer:
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step), self.autocast():
+                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
                     losses = self.engine.forward_backward(self._micro_batches(step))
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
                     self._reduce_gradients()

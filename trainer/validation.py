@@ -17,10 +17,8 @@ import os
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Optional
 
-from model.config import ConfigError
-from model.transformer import RECOMPUTE_MODES as _RECOMPUTE
+from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError
 from parallel.pipeline import SCHEDULES as _SCHEDULES
-from trainer.precision import PRECISIONS as _PRECISIONS
 
 Check = Optional[Callable[[Any], Optional[str]]]
 
@@ -133,8 +131,7 @@ def _nonempty_name(v) -> Optional[str]:
     return None if v is None or (isinstance(v, str) and v.strip()) else f"must be a non-empty string or null, got {v!r}"
 
 
-PRECISIONS = tuple(_PRECISIONS)
-RECOMPUTE = tuple(_RECOMPUTE)
+RECOMPUTE = RECOMPUTE_MODES
 SCHEDULES = tuple(_SCHEDULES)
 
 RULES: dict[str, Rule] = {

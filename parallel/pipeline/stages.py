@@ -28,8 +28,11 @@ from typing import Optional, Sequence
 import torch
 
 from model.config import ConfigError, ModelConfig
+from model.moe import ExpertPlacement
 from model.transformer import DeepSeekV3
+from parallel.dispatch import AllToAllDispatcher, shard_experts
 
+from . import get_schedule
 from .schedule import Schedule
 
 
@@ -147,8 +150,13 @@ def _balanced_counts(cfg: ModelConfig, n_stages: int, seq_len: Optional[int]) ->
 def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
                         layers_per_stage: Optional[Sequence[int]] = None,
                         split: Optional[Sequence[Sequence[int]]] = None,
-                        device: Optional[torch.device] = None) -> list[DeepSeekV3]:
+                        device: Optional[torch.device] = None, *,
+                        experts: ExpertPlacement = ExpertPlacement(),
+                        dispatchers: Optional[Sequence] = None) -> list[DeepSeekV3]:
     """One DeepSeekV3 per chunk of ``pp_rank`` (index = chunk), each holding only its stage.
+
+    ``experts``: this rank's expert placement; ``dispatchers``: one per chunk
+    (``stage_dispatchers``), None = in-process experts.
 
     Modules on the same rank that both need an embedding share ONE ``nn.Embedding`` object.
     Parameters are uninitialised: call ``init_weights(seed)`` on every module (it seeds by global
@@ -159,10 +167,11 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     if len(split) != n_stages:
         raise StageError(f"parallel.layers_per_stage: split has {len(split)} stages, schedule {n_stages}")
     modules = []
-    for stage in schedule.placement[pp_rank]:
+    for c, stage in enumerate(schedule.placement[pp_rank]):
         with torch.device(device) if device is not None else _nullcontext():
             m = DeepSeekV3(cfg, layer_ids=split[stage], has_embed=stage == 0, has_head=stage == n_stages - 1,
-                           init_seed=None)  # the trainer initialises after sharding the experts
+                           experts=experts, dispatcher=dispatchers[c] if dispatchers else None,
+                           init_seed=None)  # the trainer initialises every module after building
         m.pipeline_stage = stage
         modules.append(m)
     shared = next((m.embed for m in modules if m.embed is not None), None)
@@ -172,28 +181,33 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     return modules
 
 
-def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
-    """Expert-parallel sharding of every stage module of this rank (call on EVERY rank, before
-    ``init_weights`` and before building the optimizer). Returns the dispatchers (one per chunk).
+def stage_dispatchers(topo, n_chunks: int, n_experts: int) -> list:
+    """One AllToAllDispatcher per chunk of this rank (call on EVERY rank; [] when ep == 1: the
+    LocalDispatcher runs every expert in process).
 
     Chunk 0 uses ``topo.ep_group``; every further chunk gets its OWN EP process group over the
     same ranks (built here with ``topo.new_group_of`` for every EP group, in the same order on all
     ranks: a collective over the default group). DualPipe's FB pairs run a forward on one chunk
     concurrently with a backward on the other; with one group per chunk their all-to-alls never
     interleave on a single communicator, and each group sees the same collective order on every
-    EP rank (the order of the schedule's actions on that chunk). With ep == 1 nothing changes
-    (the LocalDispatcher runs every expert in process)."""
-    from parallel.dispatch import AllToAllDispatcher, shard_experts
-
+    EP rank (the order of the schedule's actions on that chunk)."""
     if topo.ep == 1:
         return []
     dispatchers = []
-    for c, m in enumerate(modules):
+    for c in range(n_chunks):
         group = topo.ep_group if c == 0 else topo.new_group_of(topo.layout.ep_groups())
-        n_experts = m.cfg.n_routed_experts
-        disp = AllToAllDispatcher(group, n_experts, topo.gpus_per_node)
-        shard_experts(m, topo.ep_rank, topo.ep, group, topo.gpus_per_node, dispatcher=disp)
-        dispatchers.append(disp)
+        dispatchers.append(AllToAllDispatcher(group, n_experts, topo.gpus_per_node))
+    return dispatchers
+
+
+def shard_stage_experts(modules: Sequence[DeepSeekV3], topo) -> list:
+    """Expert-parallel sharding of already built (full) stage modules, one ``stage_dispatchers``
+    dispatcher per chunk (call on EVERY rank, before ``init_weights`` and before building the
+    optimizer). Training builds the modules sharded instead (``build_stage_modules(experts=...,
+    dispatchers=...)``); this converts full modules, as tests do. Returns the dispatchers."""
+    dispatchers = stage_dispatchers(topo, len(modules), modules[0].cfg.n_routed_experts if modules else 0)
+    for m, disp in zip(modules, dispatchers):
+        shard_experts(m, topo.ep_rank, topo.ep, disp.group, topo.gpus_per_node, dispatcher=disp)
     return dispatchers
 
 
@@ -211,8 +225,6 @@ def plan_pipeline(cfg: ModelConfig, schedule_name: str, pp: int, n_microbatches:
 
     Raises ``ScheduleError`` (unknown schedule, odd pp or a bad micro-batch count for DualPipe,
     ...) or ``StageError`` (fewer layers than stages, bad ``parallel.layers_per_stage``)."""
-    from . import get_schedule
-
     schedule = get_schedule(schedule_name, pp, n_microbatches)
     split = split_layers(cfg, schedule.n_stages, layers_per_stage)
     return schedule, split

@@ -20,7 +20,9 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
+
+from model.moe import in_recompute
 
 LANES = {0: "compute", 1: "compute (FB forward half)", 2: "p2p", 3: "all-to-all"}
 
@@ -165,3 +167,29 @@ def draw_png(chrome_events: Iterable[dict], path: str, title: str = "pipeline ti
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class TimedDispatcher:
+    """Wraps an AllToAllDispatcher to record its forward all-to-alls on `timeline` (lane 3);
+    the same dispatch → experts → combine as its ``__call__``, with a clock between the phases.
+    `where()` returns the (micro-batch, thread lane) of the action that is running."""
+
+    def __init__(self, inner, timeline: "Timeline", where: Callable[[], tuple]):
+        self.inner, self.timeline, self.where = inner, timeline, where
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, x, ids, weights, experts):
+        mb, tid = self.where()
+        t0 = time.perf_counter()
+        d = self.inner.dispatch_async(x, ids, weights, experts).wait()
+        t1 = time.perf_counter()
+        y = experts(d.x, d.counts)
+        t2 = time.perf_counter()
+        out = self.inner.combine_async(d, y).wait()
+        t3 = time.perf_counter()
+        if not in_recompute():
+            self.timeline.add(f"dispatch mb{mb}", "a2a", t0, t1, tid=3, microbatch=mb, thread=tid)
+            self.timeline.add(f"combine mb{mb}", "a2a", t2, t3, tid=3, microbatch=mb, thread=tid)
+        return out

@@ -1,36 +1,47 @@
 """LocalEngine: one stage holds the whole model (pp = 1, any dp/ep) — plain gradient accumulation.
 
-The engine contract and the shared MoE bookkeeping live in parallel/engine.py; the pipeline
-engine is parallel/pipeline/engine.py.
+The engine contract and the shared MoE bookkeeping live in parallel/step_engine.py; the pipeline
+engine is parallel/pipeline/runtime.py.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Optional
 
 import torch
 
 from model import DeepSeekV3
-from parallel.engine import StageEngine, StepLosses
+from parallel.dispatch import global_expert_load
+from parallel.grads import global_grad_norm
+from parallel.step_engine import StageEngine, StepLosses
 
 __all__ = ["LocalEngine", "StepLosses"]
 
 
 class LocalEngine(StageEngine):
-    def __init__(self, model: DeepSeekV3, topo=None):
+    """autocast: the context factory of trainer/precision.py's ``apply_precision``, entered around
+    the step's forward and backward passes; None = no context."""
+
+    def __init__(self, model: DeepSeekV3, topo=None, *,
+                 autocast: Optional[Callable[[], ContextManager]] = None):
         self.model, self.topo = model, topo
         self.modules = [model]
+        self._autocast = autocast or contextlib.nullcontext
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> StepLosses:
         m = len(micro_batches)
         self.model.set_aux_loss_scale(1.0 / m)
         losses = StepLosses()
-        for tokens in micro_batches:
-            out = self.model(tokens[:, :-1], tokens[:, 1:])
-            (out.loss / m).backward()
-            losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
+        with self._autocast():
+            for tokens in micro_batches:
+                out = self.model(tokens[:, :-1], tokens[:, 1:])
+                (out.loss / m).backward()
+                losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses
 
     def evaluate(self, micro_batches: list[torch.Tensor]) -> StepLosses:
         losses = StepLosses()
-        with self.eval_mode():
+        with self.eval_mode(), self._autocast():
             for tokens in micro_batches:
                 out = self.model(tokens[:, :-1], tokens[:, 1:])
                 losses.add(out.lm_loss, out.mtp_loss, 1.0 / len(micro_batches))
@@ -43,13 +54,9 @@ class LocalEngine(StageEngine):
         return list(self.model.parameters())
 
     def grad_norm(self) -> float:
-        from parallel.grads import global_grad_norm
-
         return global_grad_norm(self.model.named_parameters(), ep_group=getattr(self.topo, "ep_group", None))
 
     def expert_loads(self) -> dict[str, torch.Tensor]:
         if self.topo is not None and getattr(self.topo, "dp_group", None) is not None:
-            from parallel.dispatch import global_expert_load
-
             return global_expert_load(self.model, self.topo)
         return {n: m.tokens_per_expert.clone() for n, m in self.model.moe_layers().items()}

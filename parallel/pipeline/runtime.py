@@ -1,6 +1,6 @@
 """The pipeline runtime: executes ``schedule.actions[pp_rank]`` exactly, in order.
 
-``PipelineEngine(schedule, modules, topo)`` satisfies parallel/engine.py's contract
+``PipelineEngine(schedule, modules, topo)`` satisfies parallel/step_engine.py's contract
 (``forward_backward(micro_batches) -> StepLosses``); ``modules[c]`` is the stage module of chunk
 ``c`` (``stages.build_stage_modules``). Every rank of a pipeline gets the same micro-batches (the
 data depend only on the dp index): the first stage embeds ``tokens[:, :-1]``, the stage that holds
@@ -35,21 +35,7 @@ non-blocking as soon as it is computed; the receives of the next action are post
 current action computes (prefetch), so transfers run while the rank computes another micro-batch
 (gloo: on its transport thread; the timeline records true completion times).
 
-Weight-gradient split (``backward_input`` / ``backward_weight``), the technique of PyTorch's
-``pipelining/_backward.py`` re-implemented here: before the input-grad pass the autograd graph is
-walked once; the nodes on the input→output path ("activation closure") where a parameter's branch
-joins it are the boundary nodes (for a Linear: its matmul node). The input pass
-(``autograd.grad`` w.r.t. the stage input, ``retain_graph=True``) computes every activation grad
-and a pre-hook captures the gradient entering each boundary node; W then re-enters the graph at
-those nodes with the captured grads, per group of parameters sharing boundary nodes, and computes
-only the weight side (the engine asks the matmul node for its weight output only). Cost: each
-matmul's two gradient GEMMs run once each, as in a full backward; the extra is the graph walk
-(~3 ms for a 2-layer toy stage) and one ``autograd.grad`` call per parameter group in W (~0.3 ms
-each: the engine re-scans the graph reachable from the group's boundary nodes). Measured on the
-toy model (dim 256, 2 MoE layers, 4x128 tokens, 1 thread): full B 52 ms, Bi 34 + W 30 ms; in the
-pipeline benchmark Bi + W - B(full) is 3-15 ms per micro-batch. Memory: the graph and the
-captured grads (one per Linear output) stay alive from B until W, like the reference
-WeightGradStore. Works with activation recompute (train.recompute) and simulated FP8 (tested).
+Weight-gradient split (``B`` with ``full=False`` then ``W``): parallel/pipeline/weight_grad.py.
 
 Evaluation (``evaluate``): the same ranks run ``schedule.forward_only`` — their F actions in
 training order, on a P2P of its own — with autograd off and the modules in eval mode; nothing
@@ -57,172 +43,31 @@ is kept for a backward and no gradient is touched.
 
 After the last action: every parameter that this rank and its stage-pair partner both hold
 (DualPipe: both stages; 1F1B: only the tied embedding of ranks 0 and pp-1) gets its gradient
-SUMMED over ``topo.stage_pair_group``. The data-parallel reduction is left to the trainer
-(``parallel.dispatch.allreduce_gradients(engine.modules, topo)`` — with stage_pair=False).
+SUMMED over ``topo.stage_pair_group`` (``parallel.grads.sum_over_stage_pair``). The data-parallel
+reduction is left to the trainer (``parallel.grads.allreduce_gradients(engine.modules, topo)``).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from model import DeepSeekV3
-from parallel.engine import StageEngine, StepLosses
+from parallel.step_engine import StageEngine, StepLosses
+from parallel.dispatch import global_expert_load
+from parallel.grads import global_grad_norm, sum_over_stage_pair
 
 from .p2p import P2P
 from .schedule import Action, Kind, Schedule, ScheduleError, forward_only
-from .timeline import Timeline
-
-
-# ============================================================================ weight-grad split
-@dataclass
-class WeightGradState:
-    """What ``backward_weight`` needs: parameter groups, their boundary nodes and the gradients
-    captured there during the input-grad pass. Holding it keeps the autograd graph alive."""
-
-    groups: list  # [(params, [(node, grads tuple)])]
-    eager: list = field(default_factory=list)  # params whose grads were already computed in B
-    outputs: Any = None  # keeps the graph alive until W
-
-
-def _node(t: torch.Tensor):
-    return t.grad_fn if t.grad_fn is not None else get_gradient_edge(t).node
-
-
-def backward_input(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[Optional[torch.Tensor]],
-                   inputs: Sequence[torch.Tensor], params: Sequence[nn.Parameter]
-                   ) -> tuple[list[Optional[torch.Tensor]], WeightGradState]:
-    """Input grads of ``outputs`` (seeded with ``grad_outputs``) w.r.t. ``inputs``; weight grads
-    deferred to :func:`backward_weight`. Parameters reachable only off the activation path (none in
-    this model) get their grads right away."""
-    roots = [o.grad_fn for o in outputs]
-    consumers: dict = defaultdict(list)
-    seen, stack = set(roots), list(roots)
-    while stack:
-        n = stack.pop()
-        for c, _ in n.next_functions:
-            if c is None:
-                continue
-            consumers[c].append(n)
-            if c not in seen:
-                seen.add(c)
-                stack.append(c)
-    closure: set = set()
-    stack = [_node(x) for x in inputs if x.requires_grad]
-    while stack:
-        n = stack.pop()
-        if n in closure:
-            continue
-        closure.add(n)
-        stack.extend(consumers.get(n, ()))
-    # boundary nodes of every parameter; union the parameters that share one
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    owner: dict = {}  # boundary node -> param index
-    used, eager = [], []
-    for p in params:
-        if not p.requires_grad:
-            continue
-        pn = get_gradient_edge(p).node
-        if pn not in seen:
-            continue  # not part of this graph (e.g. unused on this micro-batch)
-        i = len(used)
-        used.append(p)
-        parent[i] = i
-        bounds, vis, st = set(), {pn}, [pn]
-        while st:
-            n = st.pop()
-            for c in consumers.get(n, ()):
-                if c in closure:
-                    bounds.add(c)
-                elif c not in vis:
-                    vis.add(c)
-                    st.append(c)
-        if not bounds:
-            eager.append(p)
-            parent[i] = -1
-            continue
-        for b in bounds:
-            if b in owner:
-                parent[find(i)] = find(owner[b])
-            else:
-                owner[b] = i
-    members: dict[int, list] = defaultdict(list)
-    for i, p in enumerate(used):
-        if parent[i] != -1:
-            members[find(i)].append(p)
-    nodes_of: dict[int, list] = defaultdict(list)
-    for b, i in owner.items():
-        nodes_of[find(i)].append(b)
-    captured: dict = {}
-    handles = []
-    for b in owner:
-        def hook(grads, b=b):
-            captured[b] = grads
-        handles.append(b.register_prehook(hook))
-    try:
-        targets = [x for x in inputs if x.requires_grad] + eager
-        grads = torch.autograd.grad(outputs, targets, grad_outputs, retain_graph=True, allow_unused=True) \
-            if targets else ()
-    finally:
-        for h in handles:
-            h.remove()
-    n_in = len(targets) - len(eager)
-    for p, g in zip(eager, grads[n_in:]):
-        if g is not None:
-            p.grad = g if p.grad is None else p.grad + g
-    it = iter(grads[:n_in])
-    dinputs = [next(it) if x.requires_grad else None for x in inputs]
-    groups = []
-    for root, ps in members.items():
-        groups.append((ps, [(b, captured.get(b)) for b in nodes_of[root]]))
-    return dinputs, WeightGradState(groups=groups, eager=eager, outputs=list(outputs))
-
-
-def backward_weight(state: WeightGradState) -> None:
-    """Accumulate the deferred weight grads into ``.grad`` (then the graph may be freed)."""
-    for params, bounds in state.groups:
-        edges, seeds = [], []
-        for node, grads in bounds:
-            if grads is None:
-                continue
-            for i, g in enumerate(grads):
-                if g is not None:
-                    edges.append(GradientEdge(node, i))
-                    seeds.append(g)
-        if not edges:
-            continue
-        handles = []
-        if len(bounds) > 1:
-            # a boundary node reachable from another one must see exactly its captured gradient
-            # (what flowed into it in the input pass), never that plus a re-propagated copy
-            for node, grads in bounds:
-                if grads is not None:
-                    handles.append(node.register_prehook(lambda _g, grads=grads: grads))
-        try:
-            dws = torch.autograd.grad(edges, params, seeds, retain_graph=True, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
-        for p, g in zip(params, dws):
-            if g is not None:
-                p.grad = g if p.grad is None else p.grad + g
-    state.groups, state.outputs = [], None
+from .timeline import TimedDispatcher, Timeline, gather_and_write
+from .weight_grad import WeightGradState, backward_input, backward_weight
 
 
 # ============================================================================ the engine
@@ -235,32 +80,6 @@ class _Slot:
     h0: Optional[torch.Tensor] = None  # first stage: the embedding output (with graph)
     dx: Optional[torch.Tensor] = None  # first stage, split B: grad of the embedding output
     wstate: Optional[WeightGradState] = None
-
-
-class _TimedDispatcher:
-    """Wraps an AllToAllDispatcher to record its forward all-to-alls on the timeline (same
-    arithmetic as its ``__call__``)."""
-
-    def __init__(self, inner, engine: "PipelineEngine"):
-        self.inner, self.engine = inner, engine
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def __call__(self, x, ids, weights, experts):
-        tl, mb = self.engine.timeline, self.engine._current.mb
-        tid = self.engine._current.tid
-        t0 = time.perf_counter()
-        d = self.inner.dispatch_async(x, ids, weights, experts).wait()
-        t1 = time.perf_counter()
-        y = experts(d.x, d.counts)
-        t2 = time.perf_counter()
-        out = self.inner.combine_async(d, y).wait()
-        t3 = time.perf_counter()
-        if torch._C._current_graph_task_id() == -1:
-            tl.add(f"dispatch mb{mb}", "a2a", t0, t1, tid=3, microbatch=mb, thread=tid)
-            tl.add(f"combine mb{mb}", "a2a", t2, t3, tid=3, microbatch=mb, thread=tid)
-        return out
 
 
 class _Current(threading.local):
@@ -381,8 +200,6 @@ class PipelineEngine(StageEngine):
     def grad_norm(self) -> float:
         """Global L2 norm of the gradients (call after the DP reduction): sums experts over EP and
         everything over the pipeline group, each element once."""
-        from parallel.grads import global_grad_norm
-
         return global_grad_norm(self.grad_norm_parameters(), ep_group=getattr(self.topo, "ep_group", None),
                                 pp_group=self.topo.pp_group)
 
@@ -391,8 +208,6 @@ class PipelineEngine(StageEngine):
         """Global tokens per expert of every MoE layer this rank holds: summed over the DP group
         and, where the partner holds the same layers (DualPipe), over the stage pair — each
         micro-batch's routing is counted once, on the copy that ran it."""
-        from parallel.dispatch import global_expert_load
-
         return global_expert_load(self.modules, self.topo, stage_pair=self._pair_same_stages)
 
     # ------------------------------------------------------------------ the step
@@ -446,7 +261,7 @@ class PipelineEngine(StageEngine):
         return self.losses
 
     def evaluate(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
-        """Losses of a forward-only pass (parallel/engine.py's contract): the schedule's forward
+        """Losses of a forward-only pass (parallel/step_engine.py's contract): the schedule's forward
         actions in their training order (``schedule.forward_only``) over a P2P of their own, with
         the stage modules in eval mode and autograd off."""
         shape = self._check_micro_batches(micro_batches)
@@ -553,25 +368,13 @@ class PipelineEngine(StageEngine):
                           stage=self.stages[c], cpu_s=time.thread_time() - c0)
 
     # ------------------------------------------------------------------ reductions
-    @torch.no_grad()
     def _reduce_pair_grads(self) -> None:
         if not self._shared_names:
             return
-        grads = []
-        for n in self._shared_names:
-            p = self._params[n]
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
         t0, c0 = time.perf_counter(), time.thread_time()
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.topo.stage_pair_group)
-        off = 0
-        for g in grads:
-            g.copy_(flat[off:off + g.numel()].view_as(g))
-            off += g.numel()
+        nbytes = sum_over_stage_pair([self._params[n] for n in self._shared_names], self.topo.stage_pair_group)
         self.timeline.add("stage-pair grad all-reduce", "p2p", t0, time.perf_counter(), tid=2,
-                          bytes=flat.numel() * flat.element_size(), cpu_s=time.thread_time() - c0)
+                          bytes=nbytes, cpu_s=time.thread_time() - c0)
 
     # ------------------------------------------------------------------ timeline
     def _wrap_dispatchers(self) -> None:
@@ -579,14 +382,12 @@ class PipelineEngine(StageEngine):
             return
         for m in self.moe_layers().values():
             d = m.dispatcher
-            if hasattr(d, "dispatch_async") and not isinstance(d, _TimedDispatcher):
-                m.dispatcher = _TimedDispatcher(d, self)
+            if hasattr(d, "dispatch_async") and not isinstance(d, TimedDispatcher):
+                m.dispatcher = TimedDispatcher(d, self.timeline, lambda: (self._current.mb, self._current.tid))
         self._wrapped_dispatchers = True
 
     def save_timeline(self, run_dir: str, png: bool = True) -> Optional[str]:
         """Collective over the default group: write run_dir/timeline.json (+ .png) on rank 0."""
-        from .timeline import gather_and_write
-
         return gather_and_write(self.timeline, run_dir, png=png)
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """What every step engine shares: the loss record and the MoE bookkeeping over a rank's stages.
 
 A step engine turns one rank's share of a global batch into gradients; the trainer owns the
-optimizer, logging and checkpoints. `trainer.engine.LocalEngine` (one stage holds the whole
-model) and `parallel.pipeline.engine.PipelineEngine` (the rank's pipeline stages) derive from
+optimizer, logging and checkpoints. `trainer.local_engine.LocalEngine` (one stage holds the whole
+model) and `parallel.pipeline.runtime.PipelineEngine` (the rank's pipeline stages) derive from
 `StageEngine`.
 
 Contract of `forward_backward(micro_batches)`:

@@ -1,0 +1,40 @@
+"""The transformer block: pre-norm MLA, then a dense SwiGLU or an MoE layer.
+
+Its own file because both the main model (model/transformer.py) and each multi-token-prediction
+depth (model/mtp.py) are built from it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import MLA
+from model.config import ModelConfig
+from model.layers import MLP, RMSNorm
+from model.moe import Dispatcher, ExpertPlacement, MoE
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, experts: ExpertPlacement = ExpertPlacement(),
+                 dispatcher: Optional[Dispatcher] = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg, experts, dispatcher) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
+        self.recompute = False  # set_recompute(model, "full"): keep only the block input for backward
+
+    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
