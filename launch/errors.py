@@ -1,7 +1,19 @@
-"""User errors that end a run with one line (no traceback) before any collective starts."""
+"""Errors that end a run with one line (no traceback): user errors before any collective starts,
+and agreed stops (train.on_nonfinite=stop).
+
+Under torchrun every rank raises the same config/layout error (the checks are pure functions of
+the config), so only rank 0 prints it. Errors that can differ between ranks (a data file missing
+on one node, a checkpoint one rank cannot read) are printed by every rank that hits them.
+The exit code is EXIT_USER_ERROR: not worth a restart. torchrun (2.13) restarts a failed group
+whatever the exit code, so under --max-restarts each attempt fails the same way at once (before
+any collective) and prints its one line.
+"""
 from __future__ import annotations
 
+import os
 import sys
+
+EXIT_USER_ERROR = 2
 
 
 def user_error_types() -> tuple[type, ...]:
@@ -9,7 +21,9 @@ def user_error_types() -> tuple[type, ...]:
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
 
-    types: list[type] = [ConfigError, DataError, CheckpointError]
+    from trainer.step_guard import NonFiniteError
+
+    types: list[type] = [ConfigError, DataError, CheckpointError, NonFiniteError]
     try:
         from parallel.topology import LayoutError
 
@@ -25,9 +39,47 @@ def user_error_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def exit_with(err: BaseException) -> None:
-    print(f"error: {err}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _same_on_every_rank(err: BaseException) -> bool:
+    from model.config import ConfigError
+    from trainer.step_guard import NonFiniteError
+
+    types: list[type] = [ConfigError, NonFiniteError]
+    try:
+        from parallel.topology import LayoutError
+
+        types.append(LayoutError)
+    except ImportError:
+        pass
+    try:
+        from parallel.pipeline.schedule import ScheduleError
+
+        types.append(ScheduleError)
+    except ImportError:
+        pass
+    return isinstance(err, tuple(types))
+
+
+def should_print(err: BaseException) -> bool:
+    """Rank 0 prints an error every rank raises alike; any rank prints the others."""
+    return not _same_on_every_rank(err) or os.environ.get("RANK", "0") == "0"
+
+
+# How long a silent rank waits before exiting: torchrun stops the whole group as soon as one
+# worker exits, so a rank that exited at once could get rank 0 killed before it printed the line.
+# torchrun ends the wait (SIGTERM) when rank 0 exits.
+SILENT_RANK_GRACE_S = 20.0
+
+
+def exit_with(err: BaseException | str) -> None:
+    """One line `error: ...` and EXIT_USER_ERROR. A str is a config composition error: the same on
+    every rank, printed by rank 0."""
+    if (os.environ.get("RANK", "0") == "0") if isinstance(err, str) else should_print(err):
+        print(f"error: {err}", file=sys.stderr, flush=True)
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        import time
+
+        time.sleep(SILENT_RANK_GRACE_S)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def _one_line(err: BaseException) -> str:

@@ -45,10 +45,18 @@ def main(cfg: DictConfig):
 
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads(cfg.train.threads))
+    from trainer.preemption import Preempted
+
     try:
         Trainer(cfg).train()
     except user_error_types() as err:
         exit_with(err)
+    except Preempted as stop:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"preempted: checkpoint {cfg.run.dir}/checkpoints/step_{stop.step} written; exit "
+                  f"{stop.code} so that torchrun --max-restarts / the scheduler restarts the job", file=sys.stderr,
+                  flush=True)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

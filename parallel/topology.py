@@ -194,6 +194,7 @@ class Topology:
     ep_group: Any = field(init=False, default=None)
     edp_group: Any = field(init=False, default=None)
     stage_pair_group: Any = field(init=False, default=None)
+    _background_group: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.layout = validate_layout(self.world_size, self.pp, self.dp, self.ep, self.gpus_per_node)
@@ -258,6 +259,16 @@ class Topology:
             if self.rank in ranks:
                 mine = g
         return mine
+
+    def background_group(self):
+        """A gloo group over every rank for collectives issued from a background thread (the
+        asynchronous checkpoint writer), so that they never interleave with the training's own
+        collectives on the default group. Built on first use: every rank must ask at the same point."""
+        import torch.distributed as dist
+
+        if self._background_group is None and dist.is_available() and dist.is_initialized():
+            self._background_group = dist.new_group(backend="gloo", timeout=self.timeout)
+        return self._background_group
 
     # ----- convenience -----
     @property

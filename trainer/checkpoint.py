@@ -13,6 +13,15 @@ meta.json also records what the tensors belong to: the model config, the paramet
 resume compares them with this run before loading anything and refuses a mismatch with one line
 naming the first differing key or tensor; it never silently starts over. Each run has a lineage
 id, inherited on resume; `keep` prunes only checkpoints of its own lineage.
+
+rank finished and `meta.json` is written: a folder named step_N is complete or absent, and the
+name alone is what resume trusts (the rename is the commit). Resume picks the newest one that
+loads; a folder that fails to load is reported by name and skipped.
+
+`CheckpointWriter` saves synchronously, or (checkpoint.async_save) with DCP's async_save: the
+state is staged to CPU memory on the training thread, written by a background thread over a
+dedicated gloo group, and committed (meta.json, rename) when every rank's write is done. At most
+one save is in flight; the next save, and the end of the run, wait for it.
 """
 from __future__ import annotations
 
@@ -21,7 +30,9 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -94,9 +105,8 @@ def list_complete(ckpt_root: str) -> list[tuple[int, str]]:
     found = []
     for d in os.listdir(ckpt_root):
         m = re.fullmatch(r"step_(\d+)", d)
-        path = os.path.join(ckpt_root, d)
-        if m and os.path.exists(os.path.join(path, "meta.json")) and os.path.exists(os.path.join(path, ".metadata")):
-            found.append((int(m.group(1)), path))
+        if m and os.path.isdir(os.path.join(ckpt_root, d)):
+            found.append((int(m.group(1)), os.path.join(ckpt_root, d)))
     return sorted(found)
 
 
@@ -180,25 +190,92 @@ def move_aside(run_dir: str) -> str:
     return dst
 
 
-def save(ckpt_root: str, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int, rank: int) -> str:
+def _paths(ckpt_root: str, step: int) -> tuple[str, str]:
     final = os.path.join(ckpt_root, f"step_{step}")
-    tmp = final + ".tmp"
+    return final, final + ".tmp"
+
+
+def _prepare(tmp: str, rank: int) -> None:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     _barrier()
+
+
+def _commit(ckpt_root: str, step: int, meta: dict, keep: int) -> str:
+    """Rank 0, once every rank's write is done: meta.json, then the rename that makes step_N exist."""
+    final, tmp = _paths(ckpt_root, step)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"step": step, **meta}, f, indent=1)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ours = [p for _, p in list_complete(ckpt_root) if lineage_of(p) == meta.get("lineage")]
+    for old in ours[:-keep] if keep > 0 else []:  # never another run's checkpoints
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save(ckpt_root: str, step: int, state: dict[str, torch.Tensor], meta: dict, keep: int, rank: int,
+         after_write: Optional[Callable[[], None]] = None) -> str:
+    """Synchronous save. `after_write` runs on this rank between its write and the commit
+    (fault injection: debug.faults)."""
+    final, tmp = _paths(ckpt_root, step)
+    _prepare(tmp, rank)
     dcp.save(state, checkpoint_id=tmp)
+    if after_write is not None:
+        after_write()
     _barrier()
     if rank == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, **meta}, f, indent=1)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        ours = [p for _, p in list_complete(ckpt_root) if lineage_of(p) == meta.get("lineage")]
-        for old in ours[:-keep] if keep > 0 else []:  # never another run's checkpoints
-            shutil.rmtree(old, ignore_errors=True)
+        _commit(ckpt_root, step, meta, keep)
     _barrier()
     return final
+
+
+class CheckpointWriter:
+    """The run's checkpoint saves, synchronous or asynchronous; `save` returns the seconds the
+    training loop was blocked (the whole save, or waiting for the previous one plus staging)."""
+
+    def __init__(self, ckpt_root: str, keep: int, rank: int, async_save: bool = False, group=None):
+        self.root, self.keep, self.rank, self.async_save, self.group = ckpt_root, keep, rank, async_save, group
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt") if async_save else None
+        self._pending: Optional[Future] = None
+
+    def save(self, step: int, state: dict[str, torch.Tensor], meta: dict,
+             after_write: Optional[Callable[[], None]] = None) -> float:
+        t0 = time.perf_counter()
+        if not self.async_save:
+            save(self.root, step, state, meta, self.keep, self.rank, after_write)
+            return time.perf_counter() - t0
+        self.wait()
+        _, tmp = _paths(self.root, step)
+        _prepare(tmp, self.rank)
+        # Staging (a CPU copy of every tensor) happens here, on the training thread: the
+        # training may change the live tensors as soon as this returns.
+        written = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+        self._pending = self._pool.submit(self._finish, written, step, meta, after_write)
+        return time.perf_counter() - t0
+
+    def _finish(self, written: Future, step: int, meta: dict, after_write) -> None:
+        written.result()
+        if after_write is not None:
+            after_write()
+        if self.group is not None:  # every rank's data is on disk before rank 0 commits
+            dist.barrier(group=self.group)
+        if self.rank == 0:
+            _commit(self.root, step, meta, self.keep)
+        if self.group is not None:  # step_N exists for every rank once wait() returns
+            dist.barrier(group=self.group)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def load_newest(ckpt_root: str, state_fn: Callable[[], dict[str, torch.Tensor]], explicit: Optional[str] = None,

@@ -54,6 +54,7 @@ class TrainConfig:
     # the ranks on this machine. Tiny models step fastest with 1 (thread hand-offs cost more than
     # they save, and much more on a busy machine), so `OMP_NUM_THREADS=1` is worth trying there.
     threads: int = 0
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient (agreed over ranks) stops, or skips the update
 
 
 @dataclass
@@ -75,6 +76,9 @@ class CheckpointConfig:
     # run.dir holds another run's checkpoints/metrics: true moves them into run.dir/replaced_<n>/ and
     # starts over (with resume=none); false stops with an error naming what is there.
     overwrite: bool = False
+    async_save: bool = False  # DCP async_save: stage to CPU, write in the background (one in flight)
+    # A scheduler's notice: finish the step, checkpoint it, exit 143 (torchrun/SLURM may restart)
+    preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -89,6 +93,9 @@ class DebugConfig:
     fail_once: bool = True  # ... on the first attempt only
     fail_mode: str = "exit"  # exit (os._exit) | hang (sleep: the other ranks' collectives time out)
     record_timeline: bool = False
+    inject_nonfinite_at_step: int = -1  # put a NaN into one gradient at this step ...
+    inject_nonfinite_rank: int = 0  # ... on this rank (train.on_nonfinite decides what follows)
+    faults: list = field(default_factory=list)  # "attempt:step:rank:kill|kill_in_checkpoint|term" (trainer/faults.py)
 
 
 @dataclass

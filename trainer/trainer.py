@@ -33,6 +33,9 @@ from trainer.local_engine import LocalEngine
 from trainer.lr import lr_at
 from trainer.precision import apply_precision, check_precision
 from trainer.validation import validate_config
+from trainer.preemption import PreemptionFlag, Preempted, parse_signals
+from trainer.faults import FaultPlan
+from trainer import step_guard
 from trainer.metrics import MetricsSink, measure_peak_flops, peak_memory_bytes
 
 
@@ -54,6 +57,10 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
+    if t.on_nonfinite not in step_guard.ON_NONFINITE:
+        raise ConfigError(f"train.on_nonfinite: expected {'|'.join(step_guard.ON_NONFINITE)}, got {t.on_nonfinite!r}")
+    parse_signals(cfg.checkpoint.preemption_signals)
+    FaultPlan(cfg.debug.faults, rank=0)  # a malformed debug.faults entry is a named error now
     expert_nodes(cfg, model_cfg, layout)
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
@@ -103,10 +110,16 @@ class Trainer:
         self.expected = self._identity()
         self.lineage = uuid.uuid4().hex  # replaced by the checkpoint's on resume
         self._guard_run_dir()
+        self.faults = FaultPlan(cfg.debug.faults, self.rank)
+        self.preemption = PreemptionFlag(parse_signals(cfg.checkpoint.preemption_signals))
+        self.skipped_steps = 0  # steps whose update train.on_nonfinite=skip left out
         self.topo = None
         if self.layout.world_size > 1:
             self._init_distributed()
         self._build()
+        group = self.topo.background_group() if (self.topo is not None and cfg.checkpoint.async_save) else None
+        self.writer = ckpt.CheckpointWriter(self._ckpt_root(), cfg.checkpoint.keep, self.rank,
+                                            async_save=cfg.checkpoint.async_save, group=group)
 
     # ------------------------------------------------------------------ build
     def _init_distributed(self) -> None:
@@ -165,11 +178,16 @@ class Trainer:
         return self.modules[0]
 
     # ------------------------------------------------------------------ checkpoint state
-    def _state(self) -> dict:
-        state, named_modules = {}, {}
+    def _named_modules(self) -> dict[str, torch.nn.Module]:
+        named = {}
         for m in self.modules:  # two DualPipe stages on one rank: disjoint names, one shared embedding
+            named.update(dict(m.named_modules()))
+        return named
+
+    def _state(self) -> dict:
+        state, named_modules = {}, self._named_modules()
+        for m in self.modules:
             state.update(ckpt.model_state(m))
-            named_modules.update(dict(m.named_modules()))
         state.update(ckpt.optimizer_state(named_modules, self.optimizer.owned()))
         if self.ema is not None:  # the live CPU shadow tensors: DCP loads into them in place
             state.update({f"ema.{k}": v for k, v in ckpt.tensor_items(self.ema.shadow(), named_modules).items()})
@@ -238,11 +256,13 @@ class Trainer:
                 f"{meta.get('global_batch')}: the data position would not line up")
         if self.ema is not None:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.is_main:
             print(f"resumed from {path} (step {meta['step']})", flush=True)
         return int(meta["step"])
 
-    def _save(self, step: int) -> None:
+    def _save(self, step: int) -> float:
+        """Checkpoint of the state after `step`; returns the seconds the loop was blocked."""
         if self.ema is not None:
             self.ema.wait()
         meta = {
@@ -253,8 +273,34 @@ class Trainer:
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
             "lineage": self.lineage,
             **self.expected,
+            "skipped_steps": self.skipped_steps,
         }
-        ckpt.save(self._ckpt_root(), step, self._state(), meta, self.cfg.checkpoint.keep, self.rank)
+        return self.writer.save(step, self._state(), meta, after_write=self.faults.in_checkpoint(step))
+
+    def _close_writer(self, err: BaseException | None) -> None:
+        """Wait for the save in flight before exiting, unless the run crashed (a collective or a
+        rank failed): then its uncommitted step_N.tmp is simply never renamed."""
+        if err is None or isinstance(err, (Preempted, step_guard.NonFiniteError)):
+            self.writer.close()
+
+    def _agree_on_step(self, step_no: int, losses) -> step_guard.StepVerdict:
+        """Before the optimizer step: one verdict on every rank about non-finite values and a
+        pending preemption. train.on_nonfinite=stop raises NonFiniteError naming the first bad
+        parameter; skip returns the verdict and the loop leaves the state untouched."""
+        named, world = self.engine.named_parameters(), self.layout.world_size
+        bad = step_guard.local_nonfinite([float(losses.lm), float(losses.mtp)], named)
+        verdict = step_guard.agree(bad, self.preemption.requested, self.rank, world)
+        if verdict.nonfinite and self.cfg.train.on_nonfinite == "stop":
+            name = step_guard.first_nonfinite_name(named, self._named_modules()) if bad else ""
+            names = step_guard.gather_names(name, world)
+            raise step_guard.NonFiniteError(step_guard.stop_message(step_no, verdict, names))
+        return verdict
+
+    def _maybe_inject_nonfinite(self, step_no: int) -> None:
+        d = self.cfg.debug
+        if d.inject_nonfinite_at_step == step_no and d.inject_nonfinite_rank == self.rank:
+            name = step_guard.inject_nonfinite(self.engine.named_parameters(), self._named_modules())
+            print(f"debug: rank {self.rank} puts a NaN into the gradient of {name} at step {step_no}", flush=True)
 
     # ------------------------------------------------------------------ the loop
     def _micro_batches(self, step: int, split: str = "train") -> list[torch.Tensor]:
@@ -343,6 +389,7 @@ class Trainer:
             if self.is_main:
                 print(f"nothing to train: {cfg.run.dir} is at step {start} of train.steps={t.steps}", flush=True)
             self.engine.close()
+            self.writer.close()
             if self.ema is not None:
                 self.ema.close()
             return
@@ -353,8 +400,10 @@ class Trainer:
             sink = MetricsSink(cfg.run.dir, cfg.logging, OmegaConf.to_container(cfg, resolve=True), t.steps, start)
         tokens_per_step = t.global_batch * t.seq_len
         try:
+            self.preemption.install()
             for step in range(start, t.steps):
                 self._maybe_fail(step + 1)
+                self.faults.at_step_start(step + 1)
                 t0 = time.perf_counter()
                 lr = lr_at(step, peak=t.lr, minimum=t.min_lr, warmup=t.warmup_steps, decay_start=t.decay_start, total=t.steps)
                 for g in self.optimizer.param_groups:
@@ -363,19 +412,25 @@ class Trainer:
                     losses = self.engine.forward_backward(self._micro_batches(step))
                 with self._collective("gradient all-reduce over DP / expert-DP", step):
                     self._reduce_gradients()
+                self._maybe_inject_nonfinite(step + 1)
                 with self._collective("grad-norm all-reduce", step):
                     grad_norm = self.engine.grad_norm()
-                clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
-                with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
-                    self.optimizer.step()
+                with self._collective("non-finite / preemption agreement all-reduce", step):
+                    verdict = self._agree_on_step(step + 1, losses)
+                self.skipped_steps += verdict.nonfinite  # on_nonfinite=skip: no update of any state
+                if not verdict.nonfinite:
+                    clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
+                    with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
+                        self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._collective("expert-load all-reduce", step):
                     loads = self.engine.expert_loads()
-                self.engine.update_router_biases(loads)
+                if not verdict.nonfinite:
+                    self.engine.update_router_biases(loads)
                 aux = self.engine.aux_loss_sum()
                 a2a = self._local_a2a_bytes()
                 self.engine.reset_moe_stats()
-                if self.ema is not None:
+                if self.ema is not None and not verdict.nonfinite:
                     self.ema.update(dict(self.engine.named_parameters()))
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
@@ -391,13 +446,14 @@ class Trainer:
                 if t.eval_every and (step_no % t.eval_every == 0 or step_no == t.steps):
                     with self._collective("evaluation (forward-only pipeline p2p, expert all-to-all)", step):
                         val = self.evaluate()
+                saved = verdict.preempt or (bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0)
+                block_s = self._save(step_no) if saved else 0.0
                 if sink is not None:
                     sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, tokens_per_step / dt, dt, loads),
-                                       **a2a, **val},
+                                       **a2a, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
                              extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
-                saved = bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0
-                if saved:
-                    self._save(step_no)
+                if verdict.preempt and step_no < t.steps:
+                    raise Preempted(step_no)
                 if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < t.steps:
                     if not saved:
                         self._save(step_no)
@@ -405,6 +461,8 @@ class Trainer:
             if cfg.checkpoint.final and not (cfg.checkpoint.every and t.steps % cfg.checkpoint.every == 0):
                 self._save(t.steps)
         finally:
+            self.preemption.restore()
+            self._close_writer(sys.exc_info()[1])
             if sink is not None:
                 sink.close()
             if self.ema is not None:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError
 from parallel.pipeline import SCHEDULES as _SCHEDULES
+from trainer.step_guard import ON_NONFINITE
 
 Check = Optional[Callable[[Any], Optional[str]]]
 
@@ -127,6 +128,30 @@ def _hardware_profile(v) -> Optional[str]:
     return None if v in names else f"expected one of {'|'.join(names)} (configs/hardware/), got {v!r}"
 
 
+def _parsed_by(parse: Callable, key: str) -> Callable:
+    """A check that runs the parser the runtime uses (one home for the format) and returns its
+    complaint without the key it already names."""
+    def check(v):
+        try:
+            parse(v)
+        except ConfigError as err:
+            return str(err).removeprefix(f"{key}: ")
+        return None
+    return check
+
+
+def _signals(v):
+    from trainer.preemption import parse_signals
+
+    return parse_signals(v)
+
+
+def _faults(v):
+    from trainer.faults import parse_fault
+
+    return [parse_fault(spec) for spec in v]
+
+
 def _nonempty_name(v) -> Optional[str]:
     return None if v is None or (isinstance(v, str) and v.strip()) else f"must be a non-empty string or null, got {v!r}"
 
@@ -177,6 +202,7 @@ RULES: dict[str, Rule] = {
     "train.eval_every": at_least(0),
     "train.eval_batches": at_least(1, 0),
     "train.threads": at_least(0),
+    "train.on_nonfinite": one_of(*ON_NONFINITE),
     # data.*
     "data.path": Rule(_data_path, ("/nonexistent/corpus.txt",)),
     "data.max_bytes": at_least(1, 0),
@@ -198,6 +224,8 @@ RULES: dict[str, Rule] = {
     "checkpoint.final": TYPED,
     "checkpoint.keep": at_least(0),
     "checkpoint.overwrite": TYPED,
+    "checkpoint.async_save": TYPED,
+    "checkpoint.preemption_signals": Rule(_parsed_by(_signals, "checkpoint.preemption_signals"), (["SIGNOPE"],)),
     # run.*
     "run.dir": Rule(_writable_dir, ("/proc/version/run",)),
     # debug.*
@@ -206,6 +234,9 @@ RULES: dict[str, Rule] = {
     "debug.fail_once": TYPED,
     "debug.fail_mode": one_of("exit", "hang"),
     "debug.record_timeline": TYPED,
+    "debug.inject_nonfinite_at_step": at_least(-1),
+    "debug.inject_nonfinite_rank": at_least(0),
+    "debug.faults": Rule(_parsed_by(_faults, "debug.faults"), (["1:2"],)),
     # plan.* (python -m launch.plan; 0 / "" = take the value from train.* / precision)
     "plan.format": one_of("table", "json"),
     "plan.mode": one_of("auto", "model", "schedule", "full"),
