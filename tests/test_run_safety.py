@@ -81,7 +81,7 @@ def test_resume_message_names_the_folder_loaded(tmp_path, capfd):
     train_in_process([f"run.dir={tmp_path / 'a'}", "train.steps=2"])
     step = tmp_path / "a" / "checkpoints" / "step_2"
     rows = train_in_process([f"run.dir={tmp_path / 'b'}", "train.steps=3", f"checkpoint.resume={step}"])
-    assert f"resumed from {step} (step 2)" in capfd.readouterr().out
+    assert f"resumed from {step}\n" in capfd.readouterr().out
     assert [r["step"] for r in rows] == [3]
 
 

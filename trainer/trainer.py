@@ -258,7 +258,7 @@ class Trainer:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.is_main:
-            print(f"resumed from {path} (step {meta['step']})", flush=True)
+            print(f"resumed from {path}", flush=True)
         return int(meta["step"])
 
     def _save(self, step: int) -> float:
