@@ -69,7 +69,7 @@ LABELS = {"fp8": "fp8 vs fp32", "bf16": "bf16 GEMMs vs fp32", "control": "contro
 def _command(run_dir: str, precision: str, steps: int, seed: int, extra: list[str],
              module: str = "launch.train") -> list[str]:
     return [sys.executable, "-m", module, "model=toy", f"precision={precision}", f"train.steps={steps}",
-            f"train.seed={seed}", f"data.seed={seed}", f"run.dir={run_dir}", "checkpoint.resume=none",
+            f"train.seed={seed}", f"data.seed={seed}", f"run.dir={run_dir}", "checkpoint.resume=none", "checkpoint.final=false",
             "logging.progress=false", "logging.peak_tflops=1", *extra]
 
 

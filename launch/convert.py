@@ -7,6 +7,7 @@
 
     python -m launch.convert import HF_DIR OUR_DIR   # → OUR_DIR/model.safetensors + OUR_DIR/model.yaml
     python -m launch.convert export OUR_DIR HF_DIR   # the reverse
+    python -m launch.convert export RUN_DIR HF_DIR   # a training run's newest checkpoint (or a step_N folder)
 
 Names follow the release: per-expert `model.layers.N.mlp.experts.J.{gate,up,down}_proj.weight`
 (stacked here into `layers.N.ffn.experts.{w1,w3,w2}[J]`), and the MTP depth k stored as the extra
@@ -525,12 +526,53 @@ def _save_ours(cfg: ModelConfig, sd: dict, dst: Path) -> None:
     (dst / "model.yaml").write_text("# @package model\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def _is_step_folder(path: Path) -> bool:
+    return (path / "meta.json").exists() and (path / ".metadata").exists()
+
+
+def load_training_checkpoint(src: Path) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, state_dict) of a training checkpoint: a step_N folder, or a run.dir (its newest
+    complete checkpoint). The model config comes from the checkpoint's meta.json (older ones: the
+    run's config.yaml); the tensors are read with DCP under their global names."""
+    import torch.distributed.checkpoint as dcp
+    import yaml
+
+    from model.transformer import DeepSeekV3
+    from trainer import checkpoint as ckpt
+
+    step_dir = src
+    if not _is_step_folder(src):
+        found = ckpt.list_complete(str(src / "checkpoints"))
+        if not found:
+            raise ConvertError(f"{src}: neither a step_N checkpoint folder nor a run.dir with checkpoints/step_N "
+                               "(training writes one at the end unless checkpoint.final=false)")
+        step_dir = Path(found[-1][1])
+    meta = ckpt.read_meta(str(step_dir))
+    model_dict = meta.get("model")
+    if model_dict is None:  # checkpoints written before meta.json recorded the model config
+        run_cfg = step_dir.parent.parent / "config.yaml"
+        if not run_cfg.exists():
+            raise ConvertError(f"{step_dir}: meta.json has no model config and {run_cfg} is missing")
+        model_dict = yaml.safe_load(run_cfg.read_text())["model"]
+    cfg = ModelConfig.from_dict(model_dict)
+    model = DeepSeekV3(cfg, init_seed=None)  # every tensor is read from the checkpoint
+    try:
+        dcp.load(ckpt.model_state(model), checkpoint_id=str(step_dir))
+    except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ConvertError(f"{step_dir}: cannot read the model tensors ({ckpt.load_error(e)})") from e
+    return cfg, model.state_dict()
+
+
 def _load_ours(src: Path) -> tuple[ModelConfig, dict]:
     import yaml
 
+    if _is_step_folder(src) or (src / "checkpoints").is_dir():
+        return load_training_checkpoint(src)
     cfg_file = src / "model.yaml"
     if not cfg_file.exists():
-        raise ConvertError(f"{src}: no model.yaml (ModelConfig fields)")
+        raise ConvertError(f"{src}: no model.yaml (ModelConfig fields), no checkpoints/ and not a step_N folder")
     cfg = ModelConfig.from_dict(yaml.safe_load(cfg_file.read_text()))
     if (src / "model.safetensors").exists():
         from safetensors.torch import load_file
@@ -551,12 +593,17 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if args.direction == "import":
-        cfg, sd = from_hf(args.src, dtype)
-        _save_ours(cfg, sd, Path(args.dst))
-    else:
-        cfg, sd = _load_ours(Path(args.src))
-        to_hf(cfg, sd, args.dst, dtype)
+    from model.config import ConfigError
+
+    try:
+        if args.direction == "import":
+            cfg, sd = from_hf(args.src, dtype)
+            _save_ours(cfg, sd, Path(args.dst))
+        else:
+            cfg, sd = _load_ours(Path(args.src))
+            to_hf(cfg, sd, args.dst, dtype)
+    except (ConvertError, ConfigError, OSError) as err:
+        raise SystemExit(f"error: {args.direction}: {err}") from None
     print(f"{args.direction}: {args.src} → {args.dst} ({len(sd)} tensors)")
 
 

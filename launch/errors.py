@@ -97,19 +97,69 @@ def _one_line(err: BaseException) -> str:
     return " ".join(lines[:2])
 
 
-def precheck_overrides(config_dir: str, argv: list[str]) -> None:
-    """Compose the config once before Hydra runs, so an unknown key, a wrong type or a missing
-    preset ends the process with one line (Hydra's own report spans several) and exit code 2.
-    Multirun and hydra.* arguments are left to Hydra."""
-    if any(a.startswith("-") for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith(("hydra.", "+hydra.", "~hydra."))]
+def first_error(config_dir: str, overrides: list[str]) -> str | None:
+    """Compose the config with these overrides and validate every key (trainer/validation.py):
+    the one line naming the first bad key, or None. Nothing is created or started."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from model.config import ConfigError
+    from trainer.config import register_configs
+    from trainer.validation import validate_config
+
+    register_configs()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base=None):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        exit_with(_one_line(err))
+        return _one_line(err)
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def _sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The override lists to check for a -m sweep: every value of every swept key once (the
+    others at their first value), not the whole cartesian product."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for o in parsed:
+        text = o.input_line
+        if o.is_sweep_override():
+            key = text.split("=", 1)[0]
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([text])
+    variants = [[c[0] for c in choices]]
+    for i, c in enumerate(choices):
+        for value in c[1:]:
+            variants.append([v if j != i else value for j, v in enumerate(variants[0])])
+    return variants
+
+
+def precheck_overrides(config_dir: str, argv: list[str]) -> None:
+    """Compose and validate the config once before Hydra runs, so an unknown key, a wrong type, a
+    value out of range or a missing preset ends the process with one line (Hydra's own report
+    spans several) and exit code 2. A -m sweep checks each swept value. Other flags and hydra.*
+    arguments are left to Hydra."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return
+    overrides = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
+    variants = [overrides]
+    if multirun:
+        from hydra.errors import HydraException
+
+        try:
+            variants = _sweep_variants(overrides)
+        except HydraException as err:
+            exit_with(_one_line(err))
+    for variant in variants:
+        problem = first_error(config_dir, variant)
+        if problem:
+            exit_with(problem)

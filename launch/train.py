@@ -18,6 +18,17 @@ register_configs()
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
 
+def cpu_threads(threads: int) -> int:
+    """Intra-op threads per process: train.threads, else $OMP_NUM_THREADS (torch would otherwise
+    ignore it once we set a count), else the machine's cores shared between its ranks."""
+    if threads > 0:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig):
     # Multirun (-m) jobs, and launch.nproc_per_node > 1 outside torchrun: launch/sweep.py gives each
@@ -33,9 +44,7 @@ def main(cfg: DictConfig):
     from trainer.trainer import Trainer
 
     if not torch.cuda.is_available():
-        # Threads per rank: share the cores between the ranks of this machine.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(cpu_threads(cfg.train.threads))
     from trainer.preemption import Preempted
 
     try:

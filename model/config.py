@@ -130,4 +130,6 @@ class ModelConfig:
         need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "must be even (rotary pairs)")
         need(self.mtp_depth >= 0, "mtp_depth", f"must be >= 0, got {self.mtp_depth}")
         need(self.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0 (0 = no q compression), got {self.q_lora_rank}")
+        for key in ("n_shared_experts", "max_nodes_per_token", "balance_alpha", "bias_update_gamma", "mtp_lambda"):
+            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         return self

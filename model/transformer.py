@@ -34,6 +34,9 @@ class DeepSeekV3(nn.Module):
 
     `layer_ids`, `has_embed`, `has_head` select one pipeline stage; the defaults build the whole
     model. The head stage also holds the MTP modules and (for them) the embedding.
+    `init_seed`: the weights are initialised (init_weights, seeded per global name) unless it is
+    None or the model is built on the meta device: the cheap paths for the planner and for code
+    that loads or re-initialises the weights itself.
     `experts` (which routed experts this process holds, over how many nodes) and `dispatcher`
     (shared by every MoE layer; None = in-process) come from the parallel layout, so the model
     built here is the model that runs: nothing is swapped in afterwards.
@@ -48,6 +51,7 @@ class DeepSeekV3(nn.Module):
         *,
         experts: ExpertPlacement = ExpertPlacement(),
         dispatcher: Optional[Dispatcher] = None,
+        init_seed: Optional[int] = 0,
     ):
         super().__init__()
         self.cfg = cfg
@@ -64,6 +68,8 @@ class DeepSeekV3(nn.Module):
         else:
             self.norm = self.head = self.mtp = None
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        if init_seed is not None and not self.rope.is_meta:
+            self.init_weights(init_seed)
 
     # ----- forward pieces (the pipeline runtime calls these per stage) -----
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, fields
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
+from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free

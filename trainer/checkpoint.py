@@ -5,6 +5,15 @@ Every tensor is keyed by its GLOBAL name, and each routed expert gets its own ke
 other: a rank simply asks for the keys it holds. Replicated tensors are de-duplicated by DCP.
 
 A step folder is written as `step_N.tmp/` and renamed to `step_N/` by rank 0 only after every
+rank finished and `meta.json` is written: a folder named step_N is complete or absent. Resume
+picks the newest one that loads; a folder that fails to load is reported by name and skipped.
+
+meta.json also records what the tensors belong to: the model config, the parameter inventory
+(global name → shape) and the data fingerprint (tokenizer, token count, sample-order seed). A
+resume compares them with this run before loading anything and refuses a mismatch with one line
+naming the first differing key or tensor; it never silently starts over. Each run has a lineage
+id, inherited on resume; `keep` prunes only checkpoints of its own lineage.
+
 rank finished and `meta.json` is written: a folder named step_N is complete or absent, and the
 name alone is what resume trusts (the rename is the commit). Resume picks the newest one that
 loads; a folder that fails to load is reported by name and skipped.
@@ -181,6 +190,86 @@ def list_complete(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
+
+
+def inventory(state: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Global tensor name → shape (what a checkpoint's model part holds)."""
+    return {k: list(v.shape) for k, v in state.items()}
+
+
+def _first_difference(saved: dict, current: dict, prefix: str = "") -> Optional[str]:
+    for key in list(saved) + [k for k in current if k not in saved]:
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if a != b:
+            return f"{prefix}{key}: saved {a}, this run {b}"
+    return None
+
+
+def incompatibility(meta: dict, expected: dict) -> Optional[str]:
+    """What differs between a checkpoint's meta.json and this run (expected: the same "model",
+    "params", "data" entries a save would write), or None. Entries an older checkpoint lacks are
+    not compared (its DCP load errors are translated instead)."""
+    if "model" in meta:
+        diff = _first_difference(meta["model"], expected["model"], "model.")
+        if diff:
+            return diff
+    if "params" in meta:
+        saved, cur = meta["params"], expected["params"]
+        for name in list(saved) + [n for n in cur if n not in saved]:
+            if saved.get(name) != cur.get(name):
+                a = tuple(saved[name]) if name in saved else "absent"
+                b = tuple(cur[name]) if name in cur else "absent"
+                return f"tensor {name}: saved shape {a}, expected {b}"
+    if "data" in meta:
+        return _first_difference(meta["data"], expected["data"])
+    return None
+
+
+def load_error(e: BaseException) -> str:
+    """One line for a failed load: DCP's CheckpointException names only the failing ranks; the
+    first rank's own exception names the tensor (missing key, size mismatch)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        e = next(iter(failures.values()))
+        e = e[0] if isinstance(e, tuple) else e  # (exception, traceback summary)
+    text = str(e)
+    m = re.search(r"Size mismatch between saved torch\.Size\((\[.*?\])\) and current: torch\.Size\((\[.*?\])\) "
+                  r"for (\S+)", text)
+    if m:
+        return f"tensor {m.group(3)}: saved shape {tuple(json.loads(m.group(1)))}, expected {tuple(json.loads(m.group(2)))}"
+    m = re.search(r"Missing key in checkpoint state_dict: (\S+?)\.?$", text.strip().splitlines()[0] if text.strip() else "")
+    if m:
+        return f"tensor {m.group(1)}: absent from the checkpoint"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def lineage_of(path: str) -> Optional[str]:
+    try:
+        return read_meta(path).get("lineage")
+    except (OSError, ValueError):
+        return None
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "timeline.json", "timeline.png")
+
+
+def move_aside(run_dir: str) -> str:
+    """Move a previous run's checkpoints and metrics into run_dir/replaced_<n>/ (nothing is deleted)."""
+    n = 0
+    while os.path.exists(os.path.join(run_dir, f"replaced_{n}")):
+        n += 1
+    dst = os.path.join(run_dir, f"replaced_{n}")
+    os.makedirs(dst)
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(run_dir, name)):
+            os.replace(os.path.join(run_dir, name), os.path.join(dst, name))
+    return dst
+
+
 def _paths(ckpt_root: str, step: int) -> tuple[str, str]:
     final = os.path.join(ckpt_root, f"step_{step}")
     return final, final + ".tmp"
@@ -200,7 +289,8 @@ def _commit(ckpt_root: str, step: int, meta: dict, keep: int) -> str:
         json.dump({"step": step, **meta}, f, indent=1)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for _, old in list_complete(ckpt_root)[:-keep] if keep > 0 else []:
+    ours = [p for _, p in list_complete(ckpt_root) if lineage_of(p) == meta.get("lineage")]
+    for old in ours[:-keep] if keep > 0 else []:  # never another run's checkpoints
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -268,32 +358,47 @@ class CheckpointWriter:
             self._pool.shutdown()
 
 
-def load_newest(ckpt_root: str, state_fn: Callable[[], dict[str, torch.Tensor]], explicit: Optional[str] = None):
+def load_newest(ckpt_root: str, state_fn: Callable[[], dict[str, torch.Tensor]], explicit: Optional[str] = None,
+                expected: Optional[dict] = None):
     """Load the newest complete checkpoint (or `explicit`) into the tensors of state_fn().
 
-    Returns its meta dict, or None when there is nothing to resume. A folder that fails to load
-    (truncated, corrupted) is named in a warning and the next older one is tried; every rank
-    takes the same decision because each one's failure is agreed on with an all-reduce.
+    Returns (meta, path of the folder loaded), or None when there is nothing to resume. A folder
+    that does not belong to this run (see `incompatibility`) is refused with CheckpointError. A
+    folder that fails to load (truncated, corrupted) is named in a warning and the next older one
+    is tried; every rank takes the same decision because each one's failure is agreed on with an
+    all-reduce. When every folder fails, CheckpointError: nothing is started over in place.
     """
     candidates = [(0, explicit)] if explicit else list(reversed(list_complete(ckpt_root)))
+    errors = []
     for _, path in candidates:
         ok, err = True, ""
         try:
-            with open(os.path.join(path, "meta.json")) as f:
-                meta = json.load(f)
-            dcp.load(state_fn(), checkpoint_id=path)
-        except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure: folder unusable
-            # (DCP's CheckpointException derives from BaseException, not Exception)
-            ok, err = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            meta = read_meta(path)
+        except (OSError, ValueError) as e:
+            meta, ok, err = {}, False, f"meta.json: {type(e).__name__}: {e}"
+        problem = incompatibility(meta, expected) if (ok and expected is not None) else None
+        if problem:
+            raise CheckpointError(f"checkpoint.resume: {path} is not this run's checkpoint: {problem}")
+        if ok:
+            try:
+                dcp.load(state_fn(), checkpoint_id=path)
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - any failure: folder unusable
+                # (DCP's CheckpointException derives from BaseException, not Exception)
+                ok, err = False, load_error(e)
         if _dist():
             flag = torch.tensor([0.0 if ok else 1.0])
             dist.all_reduce(flag)
             ok = ok and flag.item() == 0
         if ok:
-            return meta
+            return meta, path
+        err = err or "failed on another rank"
         if explicit:
-            raise CheckpointError(f"checkpoint.resume: cannot load {path}: {err or 'failed on another rank'}")
-        log.warning("checkpoint %s is unusable (%s); trying an older one", path, err or "failed on another rank")
-        print(f"warning: checkpoint {path} is unusable ({err or 'failed on another rank'}); trying an older one",
-              flush=True)
+            raise CheckpointError(f"checkpoint.resume: cannot load {path}: {err}")
+        errors.append(f"{path}: {err}")
+        log.warning("checkpoint %s is unusable (%s); trying an older one", path, err)
+        print(f"warning: checkpoint {path} is unusable ({err}); trying an older one", flush=True)
+    if errors:
+        raise CheckpointError(f"checkpoint.resume: no checkpoint in {ckpt_root} loads (newest: {errors[0]}); "
+                              "resume from a step folder with checkpoint.resume=<path>, or start over with "
+                              "checkpoint.resume=none checkpoint.overwrite=true")
     return None

@@ -57,6 +57,10 @@ class TrainConfig:
     exit_after_steps: int = 0  # > 0: stop this invocation after N steps with a checkpoint (resume later)
     eval_every: int = 0  # > 0: validation loss every N steps and at the last step (EMA weights too)
     eval_batches: int = 4  # global batches of the held-out split per evaluation (the same ones each time)
+    # Intra-op threads per process on CPU. 0 = $OMP_NUM_THREADS when set, else the cores divided by
+    # the ranks on this machine. Tiny models step fastest with 1 (thread hand-offs cost more than
+    # they save, and much more on a busy machine), so `OMP_NUM_THREADS=1` is worth trying there.
+    threads: int = 0
     on_nonfinite: str = "stop"  # stop | skip: a NaN/Inf loss or gradient (agreed over ranks) stops, or skips the update
     # Token-based schedules (trainer/schedules.py; configs/train/deepseek_v3.yaml has the report's).
     tokens: float = 0.0  # > 0 with steps = 0: train until this many tokens are consumed
@@ -91,8 +95,11 @@ class LoggingConfig:
 class CheckpointConfig:
     every: int = 0  # steps between checkpoints (0 = only at the end if final=true)
     resume: str = "auto"  # auto | none | <path to a step_N folder>
-    final: bool = False
-    keep: int = 3
+    final: bool = True  # a checkpoint after the last step (launch.convert export reads it); false = none
+    keep: int = 3  # newest checkpoints of this run's lineage kept (0 = all); other runs' are never pruned
+    # run.dir holds another run's checkpoints/metrics: true moves them into run.dir/replaced_<n>/ and
+    # starts over (with resume=none); false stops with an error naming what is there.
+    overwrite: bool = False
     async_save: bool = False  # DCP async_save: stage to CPU, write in the background (one in flight)
     # A scheduler's notice: finish the step, checkpoint it, exit 143 (torchrun/SLURM may restart)
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])

@@ -20,6 +20,7 @@ Pure Python/NumPy plus Hugging Face ``tokenizers``; nothing here knows about ran
 """
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import glob
@@ -47,7 +48,8 @@ __all__ = [
 
 EOT = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
-FORMAT_VERSION = 1  # bump when the cache layout or corpus assembly changes
+FORMAT_VERSION = 2  # bump when the cache layout or corpus assembly changes (2: binary files refused)
+BINARY_SHARE = 0.01  # a file with more undecodable UTF-8 sequences per byte than this is binary
 
 # Standard-library folders left out of the default corpus (tests, vendored or GUI demo code).
 _STDLIB_SKIP = {
@@ -100,21 +102,29 @@ def corpus_files(cfg: DataConfig) -> List[str]:
         return _stdlib_files()
     path = os.path.expanduser(str(cfg.path))
     if any(c in path for c in "*?["):
-        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        matched = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        files = [p for p in matched if _is_text_name(p)]
         if not files:
-            raise DataError(f"data.path: no such file or directory: {cfg.path!r} "
-                            "(the glob matched no file)")
+            raise DataError(f"data.path: no such file or directory: {cfg.path!r} (the glob matched "
+                            f"{len(matched)} file(s), none with a suffix in {TEXT_SUFFIXES})")
         return files
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # the same filter as for the files of a folder
+        if not _is_text_name(path):
+            raise DataError(f"data.path: {cfg.path!r} is not a text corpus file: its name needs a suffix in "
+                            f"{TEXT_SUFFIXES} (the filter applied to folders too)")
         return [path]
     if os.path.isdir(path):
         out = []
         for d, dirs, files in os.walk(path):
             dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            out.extend(os.path.join(d, f) for f in sorted(files)
-                       if f.endswith(TEXT_SUFFIXES) and not f.startswith("."))
+            out.extend(os.path.join(d, f) for f in sorted(files) if _is_text_name(f))
         return out
     raise DataError(f"data.path: no such file or directory: {cfg.path!r}")
+
+
+def _is_text_name(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.endswith(TEXT_SUFFIXES) and not name.startswith(".")
 
 
 def _select(files: Sequence[str], max_bytes: int) -> List[Tuple[str, int, int, int]]:
@@ -132,15 +142,34 @@ def _select(files: Sequence[str], max_bytes: int) -> List[Tuple[str, int, int, i
     return out
 
 
-def _read_docs(selected) -> List[str]:
-    docs = []
-    for p, _size, _mtime, take in selected:
+def _decode(path: str, raw: bytes, complete: bool) -> Tuple[str, int]:
+    """UTF-8 text of a file's bytes and how many undecodable sequences were replaced (U+FFFD).
+    Binary content (a NUL byte, or more than BINARY_SHARE undecodable sequences per byte) is a
+    DataError. A file cut by max_bytes may end inside a character: that tail is dropped."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"data.path: {path} is binary (a NUL byte at offset {nul}), not text")
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(raw, final=complete)
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if raw and bad / len(raw) > BINARY_SHARE:
+        raise DataError(f"data.path: {path} is binary ({bad} undecodable UTF-8 sequences in {len(raw)} bytes, "
+                        f"more than {BINARY_SHARE:.0%}), not text")
+    return text, bad
+
+
+def _read_docs(selected) -> Tuple[List[str], int]:
+    """(documents, undecodable UTF-8 sequences replaced in all of them)."""
+    docs, invalid = [], 0
+    for p, size, _mtime, take in selected:
         with open(p, "rb") as f:
             raw = f.read(take)
-        text = raw.decode("utf-8", errors="ignore" if take < _size else "replace")
+        text, bad = _decode(p, raw, complete=take >= size)
+        if bad:
+            print(f"warning: data.path: {p}: {bad} invalid UTF-8 sequence(s) replaced by U+FFFD", flush=True)
+        invalid += bad
         if text.strip():
             docs.append(text)
-    return docs
+    return docs, invalid
 
 
 def _cache_key(cfg: DataConfig, selected) -> str:
@@ -330,7 +359,7 @@ def _train_tokenizer(docs: List[str], vocab_size: int):
 
 def _build(cfg: DataConfig, selected, directory: str, seq_len: int) -> dict:
     t0 = time.perf_counter()
-    docs = _read_docs(selected)
+    docs, invalid = _read_docs(selected)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     if n_bytes == 0:
         raise DataError(f"data.path: corpus {_corpus_name(cfg)} has 0 tokens, need at least "
@@ -357,6 +386,7 @@ def _build(cfg: DataConfig, selected, directory: str, seq_len: int) -> dict:
         "n_files": len(selected),
         "n_docs": len(docs),
         "n_bytes": int(n_bytes),
+        "n_invalid_utf8": int(invalid),
         "source": _corpus_name(cfg),
         "built_by_pid": os.getpid(),
         "tokenizer_train_s": round(t_tok, 3),
@@ -401,6 +431,9 @@ def prepare(cfg: DataConfig, seq_len: int) -> Tuple[str, dict]:
             meta = _load_meta(directory)
             if meta is None:
                 meta = _build(cfg, selected, directory, seq_len)
+    elif meta.get("n_invalid_utf8"):  # built earlier: the build printed it per file
+        print(f"warning: data.path: corpus {_corpus_name(cfg)} had {meta['n_invalid_utf8']} invalid UTF-8 "
+              "sequence(s), replaced by U+FFFD", flush=True)
     if meta["n_tokens"] < seq_len + 1:
         raise DataError(f"data.path: corpus {_corpus_name(cfg)} has {meta['n_tokens']} tokens, "
                         f"need at least seq_len+1 = {seq_len + 1}")
@@ -448,6 +481,14 @@ class TokenDataset:
         self.n_val = n_val
         self._seed_key = int(_mix64(np.array([int(cfg.seed) & (2 ** 64 - 1)],
                                              dtype=np.uint64))[0])
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint's data position depends on: the tokenizer, the token stream's length
+        and the held-out split (the sample order's seed is data.seed, added by the caller)."""
+        with open(os.path.join(self.cache_dir, "tokenizer.json"), "rb") as f:
+            tok = hashlib.sha256(f.read()).hexdigest()[:16]
+        return {"tokenizer_sha256": tok, "n_tokens": int(self.meta["n_tokens"]),
+                "data.val_fraction": float(self.cfg.val_fraction)}
 
     @property
     def vocab_size(self) -> int:

@@ -15,7 +15,6 @@ Visited: one rank per distinct pipeline position (dp index 0 of each pp index) p
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 

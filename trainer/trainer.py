@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -17,23 +18,23 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
-from model.config import RECOMPUTE_MODES
 from model.flops import train_flops_per_token
 from model.moe import ExpertPlacement, LocalDispatcher
 from model.wire import FP32, Wire, resolve_wire
 from parallel.dispatch import build_dispatcher, resolve_dispatch
 from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
-from parallel.pipeline import SCHEDULES, get_schedule
+from parallel.pipeline import get_schedule
 from parallel.pipeline.runtime import PipelineEngine
 from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
 from parallel.topology import Layout, init_distributed, validate_for_model
-from parallel.zero import MOMENT_DTYPES, build_optimizer, moment_dtype_for
+from parallel.zero import build_optimizer, moment_dtype_for
 from trainer import checkpoint as ckpt
 from trainer.data import TokenDataset
 from trainer.ema import CPUEMA
 from trainer.local_engine import LocalEngine
 from trainer.schedules import Schedules
 from trainer.precision import LiveSavedActivations, apply_precision, check_precision, metered
+from trainer.validation import validate_config
 from trainer.preemption import PreemptionFlag, Preempted, parse_signals
 from trainer.faults import FaultPlan
 from trainer import step_guard
@@ -45,32 +46,21 @@ class CollectiveError(RuntimeError):
 
 
 def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]:
-    """All static checks; returns the layout and micro-batches per rank per step (of the final
-    global batch). Raises named errors, and runs before any process group exists."""
+    """The checks that span keys (each key's own range is trainer/validation.py's, already run);
+    returns the layout and micro-batches per rank per step (of the final global batch). Raises
+    named errors, and runs before any process group exists."""
     p = cfg.parallel
     layout = validate_for_model(world_size, p.pp, p.dp, p.ep, p.gpus_per_node, model_cfg)
     t = cfg.train
     if t.steps < 1 and not (t.steps == 0 and t.tokens > 0):
         raise ConfigError(f"train.steps: must be >= 1 (or 0 with train.tokens > 0), got {t.steps}")
-    if t.micro_batch < 1 or t.global_batch % (layout.dp * t.micro_batch):
+    if t.global_batch % (layout.dp * t.micro_batch):
         raise ConfigError(
             f"train.global_batch={t.global_batch} must be a multiple of parallel.dp × train.micro_batch "
             f"= {layout.dp} × {t.micro_batch}")
     if t.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
     check_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.optim.moment_dtype not in ("auto", *MOMENT_DTYPES):
-        raise ConfigError(f"optim.moment_dtype: expected auto|{'|'.join(MOMENT_DTYPES)}, got {cfg.optim.moment_dtype!r}")
-    if not 0.0 <= t.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
-    if t.eval_every < 0:
-        raise ConfigError(f"train.eval_every: must be >= 0 (0 = no evaluation), got {t.eval_every}")
-    if t.eval_every and t.eval_batches < 1:
-        raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got {t.eval_batches}")
-    if cfg.parallel.schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.schedule: expected {'|'.join(SCHEDULES)}, got {cfg.parallel.schedule!r}")
-    if t.recompute not in RECOMPUTE_MODES:
-        raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {t.recompute!r}")
     if t.on_nonfinite not in step_guard.ON_NONFINITE:
         raise ConfigError(f"train.on_nonfinite: expected {'|'.join(step_guard.ON_NONFINITE)}, got {t.on_nonfinite!r}")
     parse_signals(cfg.checkpoint.preemption_signals)
@@ -158,7 +148,7 @@ def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: 
         else:
             dispatcher = local
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher)]
+            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, init_seed=None)]  # initialised by the caller
     n_chunks = len(schedule.placement[topo.pp_rank])
     dispatchers = stage_dispatchers(topo, n_chunks, n_experts, mode, wire) or [local] * n_chunks
     return build_stage_modules(mcfg, schedule, topo.pp_rank, split=split, device=device, experts=experts,
@@ -168,6 +158,7 @@ def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: 
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        validate_config(cfg)  # every key's range / enum (trainer/validation.py), one named line
         model_dict = OmegaConf.to_container(cfg.model, resolve=True)
         self.model_cfg = ModelConfig.from_dict(model_dict)
         self.rank = int(os.environ.get("RANK", "0"))
@@ -186,6 +177,9 @@ class Trainer:
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        self.expected = self._identity()
+        self.lineage = uuid.uuid4().hex  # replaced by the checkpoint's on resume
+        self._guard_run_dir()
         self.faults = FaultPlan(cfg.debug.faults, self.rank)
         self.preemption = PreemptionFlag(parse_signals(cfg.checkpoint.preemption_signals))
         self.skipped_steps = 0  # steps whose update train.on_nonfinite=skip left out
@@ -264,20 +258,61 @@ class Trainer:
     def _ckpt_root(self) -> str:
         return os.path.join(self.cfg.run.dir, "checkpoints")
 
+    def _identity(self) -> dict:
+        """What a checkpoint of this run holds (saved in meta.json, compared on resume): the model
+        config, the global parameter inventory and the data fingerprint."""
+        with torch.device("meta"):  # names and shapes only: nothing allocated or initialised
+            whole = DeepSeekV3(self.model_cfg)
+        return {"model": self.model_cfg.to_dict(),
+                "params": ckpt.inventory(ckpt.model_state(whole)),
+                "data": {**self.data.fingerprint(), "data.seed": int(self.cfg.data.seed)}}
+
+    def _guard_run_dir(self) -> None:
+        """Before any process group: refuse to resume another run's checkpoint, and never write over
+        or prune another run's checkpoints and metrics (checkpoint.overwrite=true moves them aside)."""
+        c, run_dir = self.cfg.checkpoint, self.cfg.run.dir
+        found = ckpt.list_complete(self._ckpt_root())
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        has_metrics = os.path.exists(metrics) and os.path.getsize(metrics) > 0
+        how = ("use a new run.dir, or checkpoint.resume=none checkpoint.overwrite=true to move the old run "
+               f"into {run_dir}/replaced_<n>/ and start over")
+        problem = None
+        if c.resume not in ("auto", "none"):
+            if not os.path.exists(os.path.join(c.resume, "meta.json")):
+                raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not a complete checkpoint (no meta.json)")
+            diff = ckpt.incompatibility(ckpt.read_meta(c.resume), self.expected)
+            if diff:
+                raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not this run's checkpoint: {diff}")
+            return
+        if c.resume == "auto" and found:
+            try:
+                diff = ckpt.incompatibility(ckpt.read_meta(found[-1][1]), self.expected)
+            except (OSError, ValueError):
+                diff = None  # unreadable: load_newest names it and tries an older one
+            if diff:
+                problem = f"checkpoint.resume=auto: {found[-1][1]} is another run's checkpoint: {diff}"
+        elif found or has_metrics:  # resume=none, or auto with metrics but no checkpoint to continue from
+            what = f"{len(found)} checkpoint(s)" if found else "metrics.jsonl but no checkpoint"
+            problem = f"checkpoint.resume={c.resume}: run.dir {run_dir} already holds a run ({what})"
+        if problem is None:
+            return
+        if not c.overwrite:
+            raise ckpt.CheckpointError(f"{problem}; {how}")
+        if self.is_main:
+            moved = ckpt.move_aside(run_dir)
+            print(f"checkpoint.overwrite: moved the previous run into {moved}", flush=True)
+
     def _resume(self) -> int:
         self.samples = 0  # global samples consumed before the next step
         mode = self.cfg.checkpoint.resume
         if mode == "none":
             return 0
         explicit = None if mode == "auto" else mode
-        had_any = bool(explicit) or bool(ckpt.list_complete(self._ckpt_root()))
-        meta = ckpt.load_newest(self._ckpt_root(), self._state, explicit)
-        if meta is None:
-            if had_any:  # a failed load may have written into some tensors: start clean
-                for m in self.modules:
-                    m.init_weights(self.cfg.train.seed)
-                self.optimizer.reset_state()
+        found = ckpt.load_newest(self._ckpt_root(), self._state, explicit, self.expected)
+        if found is None:
             return 0
+        meta, path = found
+        self.lineage = meta.get("lineage", self.lineage)
         # the data position is the samples consumed (older checkpoints: steps × their batch)
         self.samples = int(meta.get("samples_seen", int(meta["step"]) * int(meta.get("global_batch", 0))))
         if meta.get("global_batch") != self.cfg.train.global_batch and self.is_main:
@@ -287,7 +322,7 @@ class Trainer:
             self.ema.num_updates = int(meta.get("ema_updates", 0))
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.is_main:
-            print(f"resumed from {self.cfg.run.dir}/checkpoints/step_{meta['step']}", flush=True)
+            print(f"resumed from {path}", flush=True)
         return int(meta["step"])
 
     def _save(self, step: int) -> float:
@@ -300,6 +335,8 @@ class Trainer:
             "layout": {"pp": self.layout.pp, "dp": self.layout.dp, "ep": self.layout.ep,
                        "schedule": self.cfg.parallel.schedule},
             "ema_updates": self.ema.num_updates if self.ema is not None else 0,
+            "lineage": self.lineage,
+            **self.expected,
             "skipped_steps": self.skipped_steps,
         }
         return self.writer.save(step, self._state(), meta, after_write=self.faults.in_checkpoint(step))
@@ -428,6 +465,14 @@ class Trainer:
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         start = self._resume()
+        if start >= t.steps:  # e.g. `make train` again after it finished: keep the run as it is
+            if self.is_main:
+                print(f"nothing to train: {cfg.run.dir} is at step {start} of train.steps={t.steps}", flush=True)
+            self.engine.close()
+            self.writer.close()
+            if self.ema is not None:
+                self.ema.close()
+            return
         sink = None
         if self.is_main:
             os.makedirs(cfg.run.dir, exist_ok=True)

@@ -96,7 +96,8 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     for c, stage in enumerate(schedule.placement[pp_rank]):
         with torch.device(device) if device is not None else _nullcontext():
             m = DeepSeekV3(cfg, layer_ids=split[stage], has_embed=stage == 0, has_head=stage == n_stages - 1,
-                           experts=experts, dispatcher=dispatchers[c] if dispatchers else None)
+                           experts=experts, dispatcher=dispatchers[c] if dispatchers else None,
+                           init_seed=None)  # the trainer initialises every module after building
         m.pipeline_stage = stage
         modules.append(m)
     shared = next((m.embed for m in modules if m.embed is not None), None)
