@@ -77,6 +77,14 @@ def test_data_fingerprint_mismatch_is_refused(tmp_path):
         train_in_process([f"run.dir={tmp_path}", "train.steps=2", "data.seed=1"])
 
 
+def test_allow_data_change_resumes_on_other_data_with_a_warning(tmp_path, capfd):
+    train_in_process([f"run.dir={tmp_path}", "train.steps=1"])
+    rows = train_in_process([f"run.dir={tmp_path}", "train.steps=2", "data.seed=1", "checkpoint.allow_data_change=true"])
+    assert [r["step"] for r in rows] == [1, 2], "resumed after step 1 (metrics.jsonl holds both runs' steps)"
+    out = capfd.readouterr().out
+    assert "warning: checkpoint.allow_data_change: resuming" in out and "data.seed: saved 0, this run 1" in out
+
+
 def test_resume_message_names_the_folder_loaded(tmp_path, capfd):
     train_in_process([f"run.dir={tmp_path / 'a'}", "train.steps=2"])
     step = tmp_path / "a" / "checkpoints" / "step_2"

@@ -100,6 +100,9 @@ class CheckpointConfig:
     # run.dir holds another run's checkpoints/metrics: true moves them into run.dir/replaced_<n>/ and
     # starts over (with resume=none); false stops with an error naming what is there.
     overwrite: bool = False
+    # Resume even if the corpus, tokenizer or sample-order seed differ from the checkpoint's (named
+    # in a warning); false stops with an error naming what differs.
+    allow_data_change: bool = False
     async_save: bool = False  # DCP async_save: stage to CPU, write in the background (one in flight)
     # A scheduler's notice: finish the step, checkpoint it, exit 143 (torchrun/SLURM may restart)
     preemption_signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])

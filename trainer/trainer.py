@@ -177,7 +177,8 @@ class Trainer:
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
         self.is_main = self.rank == 0
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
-        self.expected = self._identity()
+        self.expected = self._identity()  # written into every checkpoint's meta.json
+        self.resume_identity = self._resume_identity()  # what a checkpoint must match to be resumed
         self.lineage = uuid.uuid4().hex  # replaced by the checkpoint's on resume
         self._guard_run_dir()
         self.faults = FaultPlan(cfg.debug.faults, self.rank)
@@ -267,6 +268,22 @@ class Trainer:
                 "params": ckpt.inventory(ckpt.model_state(whole)),
                 "data": {**self.data.fingerprint(), "data.seed": int(self.cfg.data.seed)}}
 
+    def _resume_identity(self) -> dict:
+        """self.expected, less the data fingerprint under checkpoint.allow_data_change (then a
+        checkpoint trained on other data is resumed, with a warning naming the difference)."""
+        if not self.cfg.checkpoint.allow_data_change:
+            return self.expected
+        found = ckpt.list_complete(self._ckpt_root())
+        path = self.cfg.checkpoint.resume if self.cfg.checkpoint.resume not in ("auto", "none") else \
+            (found[-1][1] if found and self.cfg.checkpoint.resume == "auto" else None)
+        try:
+            diff = ckpt.incompatibility({"data": ckpt.read_meta(path)["data"]}, self.expected) if path else None
+        except (OSError, ValueError, KeyError):
+            diff = None
+        if diff and self.is_main:
+            print(f"warning: checkpoint.allow_data_change: resuming {path} on other data ({diff})", flush=True)
+        return {k: v for k, v in self.expected.items() if k != "data"}
+
     def _guard_run_dir(self) -> None:
         """Before any process group: refuse to resume another run's checkpoint, and never write over
         or prune another run's checkpoints and metrics (checkpoint.overwrite=true moves them aside)."""
@@ -280,13 +297,13 @@ class Trainer:
         if c.resume not in ("auto", "none"):
             if not os.path.exists(os.path.join(c.resume, "meta.json")):
                 raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not a complete checkpoint (no meta.json)")
-            diff = ckpt.incompatibility(ckpt.read_meta(c.resume), self.expected)
+            diff = ckpt.incompatibility(ckpt.read_meta(c.resume), self.resume_identity)
             if diff:
                 raise ckpt.CheckpointError(f"checkpoint.resume: {c.resume} is not this run's checkpoint: {diff}")
             return
         if c.resume == "auto" and found:
             try:
-                diff = ckpt.incompatibility(ckpt.read_meta(found[-1][1]), self.expected)
+                diff = ckpt.incompatibility(ckpt.read_meta(found[-1][1]), self.resume_identity)
             except (OSError, ValueError):
                 diff = None  # unreadable: load_newest names it and tries an older one
             if diff:
@@ -308,7 +325,7 @@ class Trainer:
         if mode == "none":
             return 0
         explicit = None if mode == "auto" else mode
-        found = ckpt.load_newest(self._ckpt_root(), self._state, explicit, self.expected)
+        found = ckpt.load_newest(self._ckpt_root(), self._state, explicit, self.resume_identity)
         if found is None:
             return 0
         meta, path = found

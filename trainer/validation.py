@@ -256,6 +256,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.final": TYPED,
     "checkpoint.keep": at_least(0),
     "checkpoint.overwrite": TYPED,
+    "checkpoint.allow_data_change": TYPED,
     "checkpoint.async_save": TYPED,
     "checkpoint.preemption_signals": Rule(_parsed_by(_signals, "checkpoint.preemption_signals"), (["SIGNOPE"],)),
     # run.*
