@@ -16,47 +16,28 @@ import sys
 EXIT_USER_ERROR = 2
 
 
-def user_error_types() -> tuple[type, ...]:
+def _rank_independent_error_types() -> tuple[type, ...]:
+    """Errors every rank raises identically (config, layout, schedule, the agreed non-finite stop):
+    printed by rank 0 only. Imported here, not at the top: the precheck runs before torch loads."""
     from model.config import ConfigError
+    from parallel.pipeline.schedule import ScheduleError
+    from parallel.topology import LayoutError
+    from trainer.step_guard import NonFiniteError
+
+    return (ConfigError, NonFiniteError, LayoutError, ScheduleError)
+
+
+def user_error_types() -> tuple[type, ...]:
+    """Every error that ends a run with one line: the rank-independent ones, plus data and
+    checkpoint errors (which can differ per node, so every rank that meets one prints it)."""
     from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
 
-    from trainer.step_guard import NonFiniteError
-
-    types: list[type] = [ConfigError, DataError, CheckpointError, NonFiniteError]
-    try:
-        from parallel.topology import LayoutError
-
-        types.append(LayoutError)
-    except ImportError:
-        pass
-    try:
-        from parallel.pipeline.schedule import ScheduleError
-
-        types.append(ScheduleError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (*_rank_independent_error_types(), DataError, CheckpointError)
 
 
 def _same_on_every_rank(err: BaseException) -> bool:
-    from model.config import ConfigError
-    from trainer.step_guard import NonFiniteError
-
-    types: list[type] = [ConfigError, NonFiniteError]
-    try:
-        from parallel.topology import LayoutError
-
-        types.append(LayoutError)
-    except ImportError:
-        pass
-    try:
-        from parallel.pipeline.schedule import ScheduleError
-
-        types.append(ScheduleError)
-    except ImportError:
-        pass
-    return isinstance(err, tuple(types))
+    return isinstance(err, _rank_independent_error_types())
 
 
 def should_print(err: BaseException) -> bool:

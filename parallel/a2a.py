@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from model.moe import in_recompute
 from model.wire import decode, encode
 
 
@@ -43,6 +44,39 @@ class Route:
         for p, n in enumerate(self.send):
             if p != self.me:
                 self.bytes_sent["inter" if self.remote[p] else "intra"] += n * row_bytes
+
+
+class ExchangeStats:
+    """The all-to-all counters a dispatcher keeps (read and zeroed per step by the trainer through
+    reset_stats): bytes this rank sent over intra-/inter-node links (all exchanges, and the
+    dispatch ones alone), rows sent to other ranks, dispatch calls and host seconds. Nothing is
+    counted during activation recomputation, which sends nothing new."""
+
+    KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_dispatch_inter_node",
+            "a2a_bytes_dispatch_intra_node", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
+    stats: dict
+
+    def reset_stats(self) -> dict[str, float]:
+        """Return the accumulated stats and zero them."""
+        old = dict(getattr(self, "stats", {}))
+        self.stats = {k: 0 for k in self.KEYS}
+        self.stats["a2a_seconds"] = 0.0
+        return old
+
+    def _add_time(self, dt: float) -> None:
+        if not in_recompute():
+            self.stats["a2a_seconds"] += dt
+
+    def _count(self, route: "Route", dispatch: bool) -> None:
+        if in_recompute():
+            return
+        st, b = self.stats, route.bytes_sent
+        st["a2a_bytes_inter_node"] += b["inter"]
+        st["a2a_bytes_intra_node"] += b["intra"]
+        if dispatch:
+            st["a2a_bytes_dispatch_inter_node"] += b["inter"]
+            st["a2a_bytes_dispatch_intra_node"] += b["intra"]
+        st["a2a_rows_sent"] += sum(n for p, n in enumerate(route.send) if p != route.me)
 
 
 def exchange_counts(counts: torch.Tensor, group: Any) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, in_recompute,
                        inverse_permutation, permute_by_expert, take_rows)
 from model.wire import FP32, Wire, encode, encode_rows
-from parallel.a2a import Pending, Route, exchange, exchange_counts
+from parallel.a2a import ExchangeStats, Pending, Route, exchange, exchange_counts
 from parallel.grads import group_size
 from parallel.two_hop import TwoHopDispatcher
 
@@ -47,8 +47,6 @@ __all__ = [
     "shard_experts", "apply_expert_parallel", "global_expert_load",
 ]
 
-STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_dispatch_inter_node",
-             "a2a_bytes_dispatch_intra_node", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
 DISPATCH_MODES = ("auto", "flat", "two_hop")
 
 
@@ -98,7 +96,7 @@ class CombineHandle:
         return combine_topk(y_sorted, self._state.inv_order, self._state.weights)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(ExchangeStats):
     """Expert-parallel dispatcher, `parallel.dispatch=flat`: sends each (token, expert) row to the
     EP rank owning the expert in one all-to-all (parallel/two_hop.py: the two-hop variant).
 
@@ -127,32 +125,7 @@ class AllToAllDispatcher:
         self.node = self.ep_rank // gpus_per_node
         self.n_nodes = -(-self.ep // gpus_per_node)
         self.wire = wire
-        self.stats: dict[str, float] = {}
         self.reset_stats()
-
-    # ----- stats -----
-    def reset_stats(self) -> dict[str, float]:
-        """Return the accumulated stats and zero them."""
-        old = dict(self.stats)
-        self.stats = {k: 0 for k in STAT_KEYS}
-        self.stats["a2a_seconds"] = 0.0
-        return old
-
-    def _add_time(self, dt: float) -> None:
-        if not in_recompute():
-            self.stats["a2a_seconds"] += dt
-
-    def _count(self, route: Route, dispatch: bool) -> None:
-        if in_recompute():
-            return
-        st, b = self.stats, route.bytes_sent
-        st["a2a_bytes_inter_node"] += b["inter"]
-        st["a2a_bytes_intra_node"] += b["intra"]
-        if dispatch:
-            st["a2a_bytes_dispatch_inter_node"] += b["inter"]
-            st["a2a_bytes_dispatch_intra_node"] += b["intra"]
-            st["a2a_calls"] += 1
-        st["a2a_rows_sent"] += sum(n for p, n in enumerate(route.send) if p != route.me)
 
     # ----- the exchange -----
     def _check(self, experts: Experts) -> None:
@@ -189,6 +162,8 @@ class AllToAllDispatcher:
                       [r // self.gpus_per_node != self.node for r in range(ep)], self.wire.backward)
         pending = exchange(x_sorted, parts, fmt, route, async_op=True)
         self._count(route, dispatch=True)
+        if not in_recompute():
+            self.stats["a2a_calls"] += 1
         state = Dispatched(x=x_sorted, counts=counts_local, x_fp8=None, inv_order=inverse_permutation(order),
                            weights=weights, route=route, regroup=regroup, ungroup=ungroup, t_issue=t0)
         return DispatchHandle(self, pending, state)

@@ -33,10 +33,8 @@ import torch.distributed as dist
 
 from model.moe import Experts, in_recompute, inverse_permutation, take_rows
 from model.wire import FP32, Wire, encode, encode_rows
-from parallel.a2a import Pending, Route, exchange, exchange_counts
+from parallel.a2a import ExchangeStats, Pending, Route, exchange, exchange_counts
 
-STAT_KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_dispatch_inter_node",
-             "a2a_bytes_dispatch_intra_node", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
 
 
 def _size(group: Any) -> int:
@@ -104,7 +102,7 @@ class TwoHopCombineHandle:
         return self._out
 
 
-class TwoHopDispatcher:
+class TwoHopDispatcher(ExchangeStats):
     """Expert-parallel dispatcher over whole nodes: hop 1 inter-node, hop 2 intra-node.
 
     ep_group: the EP group (rank i owns experts [i·n_local, (i+1)·n_local)); inter_group: the
@@ -132,30 +130,7 @@ class TwoHopDispatcher:
         self.per_node = self.n_local * self.gpus
         self.gpus_per_node = gpus_per_node
         self.wire = wire
-        self.stats: dict[str, float] = {}
         self.reset_stats()
-
-    # ----- stats -----
-    def reset_stats(self) -> dict[str, float]:
-        old = dict(self.stats)
-        self.stats = {k: 0 for k in STAT_KEYS}
-        self.stats["a2a_seconds"] = 0.0
-        return old
-
-    def _count(self, route: Route, dispatch: bool) -> None:
-        if in_recompute():
-            return
-        b = route.bytes_sent
-        self.stats["a2a_bytes_inter_node"] += b["inter"]
-        self.stats["a2a_bytes_intra_node"] += b["intra"]
-        if dispatch:
-            self.stats["a2a_bytes_dispatch_inter_node"] += b["inter"]
-            self.stats["a2a_bytes_dispatch_intra_node"] += b["intra"]
-        self.stats["a2a_rows_sent"] += sum(n for p, n in enumerate(route.send) if p != route.me)
-
-    def _add_time(self, dt: float) -> None:
-        if not in_recompute():
-            self.stats["a2a_seconds"] += dt
 
     def _check(self, experts: Experts) -> None:
         if experts.n_local != self.n_local or experts.first_expert != self.ep_rank * self.n_local:
