@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.api import CheckpointException
 
 from model.moe import Experts
@@ -169,6 +170,47 @@ def _piece(flat: torch.Tensor, start: int, shape: tuple, ranges) -> torch.Tensor
     # ShardedTensor's own constructor (not ShardedTensorBase's) binds the default process group,
     # which DCP's load planner needs to answer .size() of a ShardedTensor; no collective runs
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+def staged_copy(state: dict) -> dict:
+    """A CPU copy of a checkpoint state dict, for an asynchronous save: the training may change the
+    live tensors as soon as the save is issued. DCP's own stager deep-copies through torch
+    functions that a ShardedTensor (our partial ZeRO-1 pieces) does not implement (data_ptr), so
+    the pieces are rebuilt here from copies of their local shards, placed on the CPU."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+
+    def on_cpu(md: ShardMetadata) -> ShardMetadata:
+        return ShardMetadata(shard_offsets=list(md.shard_offsets), shard_sizes=list(md.shard_sizes),
+                             placement=f"rank:{md.placement.rank()}/cpu")
+
+    out = {}
+    for key, v in state.items():
+        if isinstance(v, ShardedTensor):
+            meta = v.metadata()
+            local = [Shard(tensor=sh.tensor.detach().to("cpu", copy=True), metadata=on_cpu(sh.metadata))
+                     for sh in v.local_shards()]
+            out[key] = ShardedTensor._init_from_local_shards_and_global_metadata(local, ShardedTensorMetadata(
+                shards_metadata=[on_cpu(md) for md in meta.shards_metadata], size=meta.size,
+                tensor_properties=meta.tensor_properties))
+        else:
+            out[key] = v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+    return out
+
+
+class _AlreadyStaged(AsyncStager):
+    """Hands DCP's async_save a state dict that staged_copy has already copied."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _flat_index(offsets, shape) -> int:
@@ -330,7 +372,8 @@ class CheckpointWriter:
         _prepare(tmp, self.rank)
         # Staging (a CPU copy of every tensor) happens here, on the training thread: the
         # training may change the live tensors as soon as this returns.
-        written = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
+        written = dcp.async_save(staged_copy(state), checkpoint_id=tmp, process_group=self.group,
+                                 async_stager=_AlreadyStaged())
         self._pending = self._pool.submit(self._finish, written, step, meta, after_write)
         return time.perf_counter() - t0
 
