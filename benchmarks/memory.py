@@ -41,17 +41,16 @@ def _measure(args) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from model import DeepSeekV3, ModelConfig, set_recompute
+    from model import DeepSeekV3, ModelConfig
     from tests.helpers import compose
     from trainer.precision import SavedActivations, apply_precision
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = compose([f"model={args.model}"])
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    model = DeepSeekV3(mcfg)
+    model = DeepSeekV3(mcfg, recompute=args.mode)
     model.init_weights(0)
     autocast = apply_precision(model, args.precision, "cpu")
-    set_recompute(model, args.mode)
     tokens = torch.randint(0, mcfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
 
     # gradients exist before measuring (as in training after step 1): the step adds activations only

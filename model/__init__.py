@@ -6,9 +6,9 @@ import importlib
 _EXPORTS = {
     "ConfigError": "model.config", "ModelConfig": "model.config",
     "DeepSeekV3": "model.transformer", "LossOutput": "model.transformer",
-    "enable_fp8": "model.transformer", "set_recompute": "model.transformer",
+    "enable_fp8": "model.transformer",
 }
-__all__ = ["ConfigError", "ModelConfig", "DeepSeekV3", "LossOutput", "enable_fp8", "set_recompute"]
+__all__ = ["ConfigError", "ModelConfig", "DeepSeekV3", "LossOutput", "enable_fp8"]
 
 
 def __getattr__(name: str):

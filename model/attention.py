@@ -9,13 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.layers import Linear, RMSNorm, apply_rope
 
 
 class MLA(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """recompute_up_proj (train.recompute=norm_and_up_proj): recompute the latent norms and
+    up-projections in backward instead of storing their (large, per-head) outputs."""
+
+    def __init__(self, cfg: ModelConfig, recompute_up_proj: bool = False):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -32,9 +36,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim)
-        # Set by model.transformer.set_recompute: recompute the latent norms and up-projections
-        # in backward instead of storing their (large, per-head) outputs.
-        self.recompute_up_proj = False
+        self.recompute_up_proj = recompute_up_proj
 
     def q_up(self, q_latent: torch.Tensor) -> torch.Tensor:
         return self.wq_b(self.q_norm(q_latent))
@@ -44,8 +46,6 @@ class MLA(nn.Module):
 
     def _up(self, fn, latent: torch.Tensor) -> torch.Tensor:
         if self.recompute_up_proj and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
             return checkpoint(fn, latent, use_reentrant=False)
         return fn(latent)
 

@@ -18,17 +18,20 @@ from model.moe import Dispatcher, ExpertPlacement, MoE
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE."""
+    """Pre-norm transformer block: MLA then a dense SwiGLU (first n_dense_layers) or MoE.
+
+    recompute (train.recompute, checked by DeepSeekV3): "full" keeps only the block input for
+    backward; "norm_and_up_proj" recomputes MLA's latent norms and up-projections."""
 
     def __init__(self, cfg: ModelConfig, layer_id: int, experts: ExpertPlacement = ExpertPlacement(),
-                 dispatcher: Optional[Dispatcher] = None):
+                 dispatcher: Optional[Dispatcher] = None, recompute: str = "none"):
         super().__init__()
         self.layer_id = layer_id
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = MLA(cfg)
+        self.attn = MLA(cfg, recompute_up_proj=recompute == "norm_and_up_proj")
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MoE(cfg, experts, dispatcher) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
-        self.recompute = False  # set_recompute(model, "full"): keep only the block input for backward
+        self.recompute = recompute == "full"
 
     def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope)

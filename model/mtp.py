@@ -21,12 +21,12 @@ from model.moe import Dispatcher, ExpertPlacement
 
 class MTPModule(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, experts: ExpertPlacement = ExpertPlacement(),
-                 dispatcher: Optional[Dispatcher] = None):
+                 dispatcher: Optional[Dispatcher] = None, recompute: str = "none"):
         super().__init__()
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.eh_proj = Linear(2 * cfg.dim, cfg.dim)
-        self.block = Block(cfg, layer_id, experts, dispatcher)
+        self.block = Block(cfg, layer_id, experts, dispatcher, recompute)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # "shared_head.norm" in the released weights
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import MLA
 from model.block import Block
 from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig
 from model.layers import Linear, RMSNorm, rope_cache
@@ -40,6 +39,8 @@ class DeepSeekV3(nn.Module):
     `experts` (which routed experts this process holds, over how many nodes) and `dispatcher`
     (shared by every MoE layer; None = in-process) come from the parallel layout, so the model
     built here is the model that runs: nothing is swapped in afterwards.
+    `recompute` (train.recompute): 'none' | 'norm_and_up_proj' (recompute MLA's latent norms and
+    up-projections in backward) | 'full' (keep only each block's input).
     """
 
     def __init__(
@@ -51,19 +52,22 @@ class DeepSeekV3(nn.Module):
         *,
         experts: ExpertPlacement = ExpertPlacement(),
         dispatcher: Optional[Dispatcher] = None,
+        recompute: str = "none",
         init_seed: Optional[int] = 0,
     ):
         super().__init__()
+        if recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {recompute!r}")
         self.cfg = cfg
         self.has_embed, self.has_head = has_embed, has_head
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
         needs_embed = has_embed or (has_head and cfg.mtp_depth > 0)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
-        self.layers = nn.ModuleDict({str(i): Block(cfg, i, experts, dispatcher) for i in ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i, experts, dispatcher, recompute) for i in ids})
         if has_head:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.head = Linear(cfg.dim, cfg.vocab_size)
-            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, experts, dispatcher)
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k, experts, dispatcher, recompute)
                                      for k in range(cfg.mtp_depth))
         else:
             self.norm = self.head = self.mtp = None
@@ -160,14 +164,3 @@ def enable_fp8(model: nn.Module) -> int:
             mod.fp8 = True
             n += 1
     return n
-
-
-def set_recompute(model: nn.Module, mode: str) -> None:
-    """'none' | 'norm_and_up_proj' (recompute MLA latent norms + up-projections) | 'full' (per block)."""
-    if mode not in RECOMPUTE_MODES:
-        raise ConfigError(f"train.recompute: expected {'|'.join(RECOMPUTE_MODES)}, got {mode!r}")
-    for mod in model.modules():
-        if isinstance(mod, MLA):
-            mod.recompute_up_proj = mode == "norm_and_up_proj"
-        if isinstance(mod, Block):
-            mod.recompute = mode == "full"

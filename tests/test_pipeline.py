@@ -407,17 +407,16 @@ def test_dualpipe_ep_timeline_shows_a2a_overlapping_other_microbatch_compute(tmp
 def test_weight_grad_split_matches_full_backward(mode):
     """B (input grads only) + W (deferred weight grads) == one full backward, under activation
     recompute and simulated FP8 too; after B no parameter has a gradient yet."""
-    from model import enable_fp8, set_recompute
+    from model import enable_fp8
     from parallel.pipeline.weight_grad import backward_input, backward_weight
 
     cfg = tiny_cfg(3)
-    m = DeepSeekV3(cfg, layer_ids=[1, 2], has_embed=False, has_head=True)
+    m = DeepSeekV3(cfg, layer_ids=[1, 2], has_embed=False, has_head=True,
+                   recompute="none" if mode == "fp8" else mode)
     m.init_weights(SEED)
     m.train()
     if mode == "fp8":
         enable_fp8(m)
-    else:
-        set_recompute(m, mode)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(2, SEQ, cfg.dim, generator=g)
     ids = torch.randint(0, cfg.vocab_size, (2, SEQ + 1), generator=g)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import DeepSeekV3, ModelConfig, set_recompute
+from model import DeepSeekV3, ModelConfig
 from tests.helpers import preset_model_cfg, train_in_process
 from trainer.precision import SavedActivations, saved_activation_bytes
 
@@ -27,9 +27,8 @@ def tokens(tiny_cfg) -> torch.Tensor:
 
 
 def _model(cfg: ModelConfig, mode: str) -> DeepSeekV3:
-    model = DeepSeekV3(cfg)
+    model = DeepSeekV3(cfg, recompute=mode)
     model.init_weights(0)
-    set_recompute(model, mode)
     return model
 
 
@@ -63,7 +62,7 @@ def test_flags_follow_the_mode(tiny_cfg):
         assert all(m.recompute_up_proj == (mode == "norm_and_up_proj") for m in mlas)
         assert all(b.recompute == (mode == "full") for b in blocks)
     with pytest.raises(ValueError, match="train.recompute"):
-        set_recompute(_model(tiny_cfg, "none"), "some")
+        _model(tiny_cfg, "some")
 
 
 @pytest.mark.parametrize("mode", ["norm_and_up_proj", "full"])

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fake backend ("fake")
 
-from model import ConfigError, ModelConfig, set_recompute
+from model import ConfigError, ModelConfig
 from parallel.grads import count_bytes
 from parallel.pipeline import get_schedule, validate as validate_schedule
 from parallel.planner import rank_activation_bytes
@@ -75,10 +75,10 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
     try:
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
-                                *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"))
+                                *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"),
+                                recompute=cfg.train.recompute)
         for m in modules:
             apply_precision(m, cfg.precision, "cpu")
-            set_recompute(m, cfg.train.recompute)
         named: dict = {}
         for m in modules:  # as the engines list them: every parameter once (one shared embedding)
             named.update(dict(m.named_parameters()))

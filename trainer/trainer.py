@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from model import ConfigError, DeepSeekV3, ModelConfig, set_recompute
+from model import ConfigError, DeepSeekV3, ModelConfig
 from model.flops import train_flops_per_token
 from model.moe import ExpertPlacement, LocalDispatcher
 from model.wire import FP32, Wire, resolve_wire
@@ -133,10 +133,10 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
 
 
 def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: str = "flat", wire: Wire = FP32,
-                  device=None) -> list[DeepSeekV3]:
+                  device=None, recompute: str = "none") -> list[DeepSeekV3]:
     """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
-    experts and their dispatcher(s) and the node count; uninitialised, on `device` (None: the
-    default; the dry run builds on "meta")."""
+    experts and their dispatcher(s), the node count and the recompute mode; uninitialised, on
+    `device` (None: the default; the dry run builds on "meta")."""
     n_experts = mcfg.n_routed_experts
     experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
     # every expert in process, rounded as the configured EP layout would send it
@@ -148,11 +148,11 @@ def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: 
         else:
             dispatcher = local
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, init_seed=None)]  # initialised by the caller
+            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, recompute=recompute, init_seed=None)]  # initialised by the caller
     n_chunks = len(schedule.placement[topo.pp_rank])
     dispatchers = stage_dispatchers(topo, n_chunks, n_experts, mode, wire) or [local] * n_chunks
     return build_stage_modules(mcfg, schedule, topo.pp_rank, split=split, device=device, experts=experts,
-                               dispatchers=dispatchers)
+                               dispatchers=dispatchers, recompute=recompute)
 
 
 class Trainer:
@@ -201,13 +201,13 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
-        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode, self.wire)
+        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode,
+                                self.wire, recompute=cfg.train.recompute)
         autocast = None
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)
             autocast = apply_precision(m, cfg.precision, self.device)
-            set_recompute(m, cfg.train.recompute)
         # the step engine enters the precision's autocast around every forward (one owner for
         # every layout; the pipeline runtime must enter it in the thread that runs each forward)
         self.activations = LiveSavedActivations(exclude=modules)  # saved_activation_bytes
