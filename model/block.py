@@ -33,11 +33,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, experts, dispatcher) if cfg.is_moe_layer(layer_id) else MLP(cfg.dim, cfg.inter_dim)
         self.recompute = recompute == "full"
 
-    def _forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, rope: torch.Tensor, aux_scale: float) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, aux_scale=aux_scale) if isinstance(self.ffn, MoE) else self.ffn(h))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, aux_scale: float = 1.0) -> torch.Tensor:
+        """aux_scale: the MoE balance loss's weight in the step (MoE.forward)."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, rope, use_reentrant=False)
-        return self._forward(x, rope)
+            return checkpoint(self._forward, x, rope, aux_scale, use_reentrant=False)
+        return self._forward(x, rope, aux_scale)

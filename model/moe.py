@@ -252,14 +252,14 @@ class MoE(nn.Module):
         self.experts = Experts(n_local, cfg.dim, cfg.moe_inter_dim, first_expert=placement.ep_rank * n_local)
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
-        # Scale of the balance-loss gradient (the trainer sets 1/#micro-batches, like the LM loss).
-        self.aux_loss_scale = 1.0
         # Step statistics, read and reset by the trainer: routed tokens per expert (global ids) and
         # the summed balance loss of this step's forwards.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("aux_loss_sum", torch.zeros(()), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux_scale: float = 1.0) -> torch.Tensor:
+        """aux_scale: the balance loss's weight in the step (the step engine passes
+        1/#micro-batches, as it scales the LM loss); it scales both its gradient and aux_loss_sum."""
         bsz, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, ids, scores = self.gate(flat)
@@ -270,13 +270,13 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.n_experts).to(self.tokens_per_expert)
                 if aux is not None:
-                    self.aux_loss_sum += aux.detach() * self.aux_loss_scale
+                    self.aux_loss_sum += aux.detach() * aux_scale
         y = self.dispatcher(flat, ids, weights, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         y = y.view(bsz, seq, dim)
         if aux is not None and torch.is_grad_enabled():
-            y = _AttachAuxLoss.apply(y, aux * self.aux_loss_scale)
+            y = _AttachAuxLoss.apply(y, aux * aux_scale)
         return y
 
 

@@ -29,7 +29,8 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_id, experts, dispatcher, recompute)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # "shared_head.norm" in the released weights
 
-    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor,
+                aux_scale: float = 1.0) -> torch.Tensor:
         """h_prev, emb_next [B, T-k, dim] → this depth's normalised representation [B, T-k, dim]."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
-        return self.norm(self.block(h, rope))
+        return self.norm(self.block(h, rope, aux_scale=aux_scale))

@@ -79,16 +79,19 @@ class DeepSeekV3(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)
 
-    def forward_layers(self, h: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, h: torch.Tensor, aux_scale: float = 1.0) -> torch.Tensor:
+        """aux_scale: the MoE balance losses' weight in the step (1/#micro-batches, passed by
+        the step engine like the LM loss's scale; the default is one micro-batch)."""
         rope = self.rope[: h.shape[1]]
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope, aux_scale=aux_scale)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(h))
 
-    def head_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    def head_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                  aux_scale: float = 1.0) -> LossOutput:
         """Main next-token loss plus the MTP losses, from the last block's output h [B, T, dim]."""
         rep = self.norm(h)
         lm_loss = F.cross_entropy(self.head(rep).flatten(0, 1).float(), labels.flatten())
@@ -98,24 +101,20 @@ class DeepSeekV3(nn.Module):
         mtp_losses = []
         for k, module in enumerate(self.mtp, start=1):
             # depth k at position i: h^{k-1}_i and Emb(t_{i+k}) → predict t_{i+k+1} = labels[i+k]
-            rep = module(rep[:, :-1], self.embed(input_ids[:, k:]), self.rope[: seq - k])
+            rep = module(rep[:, :-1], self.embed(input_ids[:, k:]), self.rope[: seq - k], aux_scale=aux_scale)
             logits = self.head(rep)
             mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten()))
         mtp_loss = torch.stack(mtp_losses).mean()
         return LossOutput(lm_loss + self.cfg.mtp_lambda * mtp_loss, lm_loss, mtp_loss)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None):
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, aux_scale: float = 1.0):
         """Whole model: token ids [B, T] → logits [B, T, V], or a LossOutput when labels are given."""
-        h = self.forward_layers(self.embed_tokens(input_ids))
-        return self.logits(h) if labels is None else self.head_loss(h, input_ids, labels)
+        h = self.forward_layers(self.embed_tokens(input_ids), aux_scale)
+        return self.logits(h) if labels is None else self.head_loss(h, input_ids, labels, aux_scale)
 
     # ----- MoE bookkeeping -----
     def moe_layers(self) -> dict[str, MoE]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
-
-    def set_aux_loss_scale(self, scale: float) -> None:
-        for m in self.moe_layers().values():
-            m.aux_loss_scale = scale
 
     def set_expert_nodes(self, n_nodes: int) -> None:
         """How many nodes the routed experts are spread over (for node-limited routing). Training

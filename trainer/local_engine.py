@@ -30,11 +30,10 @@ class LocalEngine(StageEngine):
 
     def forward_backward(self, micro_batches: list[torch.Tensor]) -> StepLosses:
         m = len(micro_batches)
-        self.model.set_aux_loss_scale(1.0 / m)
         losses = StepLosses()
         with self._autocast():
             for tokens in micro_batches:
-                out = self.model(tokens[:, :-1], tokens[:, 1:])
+                out = self.model(tokens[:, :-1], tokens[:, 1:], aux_scale=1.0 / m)
                 (out.loss / m).backward()
                 losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses

@@ -273,8 +273,6 @@ class PipelineEngine(StageEngine):
             tl.reset()
             self._wrap_dispatchers()
         t_start = time.perf_counter()
-        for m in self.modules:
-            m.set_aux_loss_scale(1.0 / len(micro_batches))
         self._execute(self.actions, self.p2p, micro_batches, shape)
         self._reduce_pair_grads()
         self.last_step_s = time.perf_counter() - t_start
@@ -333,9 +331,9 @@ class PipelineEngine(StageEngine):
             if stage == 0:
                 h0 = mod.embed_tokens(ids)
                 x = h0.detach().requires_grad_(torch.is_grad_enabled())
-            h = mod.forward_layers(x)
+            h = mod.forward_layers(x, aux_scale=1.0 / self.n_micro)
             if last:
-                o = mod.head_loss(h, ids, tokens[:, 1:])
+                o = mod.head_loss(h, ids, tokens[:, 1:], aux_scale=1.0 / self.n_micro)
                 out = o.loss / self.n_micro
                 self.losses.add(o.lm_loss, o.mtp_loss, 1.0 / self.n_micro)
             else:
