@@ -27,6 +27,17 @@ from model.moe import MoE
 
 
 @dataclass
+class StepStats:
+    """The MoE side of one step (``StageEngine.end_step``): what the trainer logs and sums over
+    ranks, read once so that the counters behind it can be zeroed for the next step."""
+
+    loads: dict[str, torch.Tensor]  # MoE layer name → GLOBAL tokens per expert (the bias update's input)
+    aux_loss: float  # this rank's summed balance loss (summed over a replica's ranks, like StepLosses)
+    a2a_bytes_intra_node: float  # this rank's all-to-all bytes of the step (dispatch + combine)
+    a2a_bytes_inter_node: float
+
+
+@dataclass
 class StepLosses:
     lm: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     mtp: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
@@ -42,6 +53,10 @@ class StageEngine:
 
     modules: list
 
+    def expert_loads(self) -> dict[str, torch.Tensor]:
+        """MoE layer name → global tokens per expert of the step (each engine's own reduction)."""
+        raise NotImplementedError
+
     def moe_layers(self) -> dict[str, MoE]:
         out: dict[str, MoE] = {}
         for m in self.modules:
@@ -53,10 +68,33 @@ class StageEngine:
         ran it): the trainer sums it over all ranks of a replica, like the losses."""
         return float(sum(float(m.aux_loss_sum) for m in self.moe_layers().values()))
 
+    def a2a_bytes(self) -> tuple[float, float]:
+        """This rank's all-to-all bytes since the last call (intra-node, inter-node; dispatch +
+        combine, sent + received); reading resets the dispatchers' counters. The MoE layers of a
+        module share one dispatcher: the first layer's read returns its total, the others 0."""
+        totals = [0.0, 0.0]
+        for m in self.moe_layers().values():
+            if hasattr(m.dispatcher, "reset_stats"):
+                st = m.dispatcher.reset_stats()
+                totals[0] += float(st.get("a2a_bytes_intra_node", 0))
+                totals[1] += float(st.get("a2a_bytes_inter_node", 0))
+        return totals[0], totals[1]
+
     def reset_moe_stats(self) -> None:
         for m in self.moe_layers().values():
             m.tokens_per_expert.zero_()
             m.aux_loss_sum.zero_()
+
+    def end_step(self, update_biases: bool = True) -> StepStats:
+        """After the optimizer step, in one call: the global expert loads (a collective: see
+        ``expert_loads``), the router-bias update from them (left out for a skipped step), this
+        rank's balance-loss sum and all-to-all bytes; the MoE counters are then zeroed."""
+        loads = self.expert_loads()
+        if update_biases:
+            self.update_router_biases(loads)
+        stats = StepStats(loads, self.aux_loss_sum(), *self.a2a_bytes())
+        self.reset_moe_stats()
+        return stats
 
     def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
         for m in self.modules:
@@ -64,7 +102,8 @@ class StageEngine:
 
     @contextlib.contextmanager
     def eval_mode(self):
-        """Modules in eval mode and autograd off for the block; training modes restored after."""
+        """Modules in eval mode and autograd off for the block; training modes restored after,
+        and evaluation's all-to-all bytes dropped (they are not the next step's)."""
         modes = [m.training for m in self.modules]
         for m in self.modules:
             m.eval()
@@ -74,6 +113,7 @@ class StageEngine:
         finally:
             for m, mode in zip(self.modules, modes):
                 m.train(mode)
+            self.a2a_bytes()
 
     def close(self) -> None:
         pass

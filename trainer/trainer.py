@@ -416,7 +416,6 @@ class Trainer:
         if self.ema is not None:
             with self.ema.swapped_into(dict(self.engine.named_parameters())):
                 out.update(self._eval_losses("_ema"))
-        self._local_a2a_bytes()  # evaluation's all-to-all traffic is not the next step's
         return out
 
     def _eval_losses(self, suffix: str) -> dict[str, float]:
@@ -429,27 +428,12 @@ class Trainer:
         return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
                 f"val_lm_loss{suffix}": lm, f"val_mtp_loss{suffix}": mtp}
 
-    def _reduce_gradients(self) -> None:
-        if self.topo is not None:
-            allreduce_gradients(self.modules, self.topo)
-
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         """One all-reduce (SUM over every rank) for all of a step's logged numbers."""
         t = torch.tensor(values, dtype=torch.float64)
         if self.topo is not None:
             dist.all_reduce(t)
         return t.tolist()
-
-    def _local_a2a_bytes(self) -> list[float]:
-        """This rank's all-to-all bytes of the step (intra-node, inter-node; dispatch + combine,
-        sent + received); reading resets the dispatchers' counters."""
-        totals = [0.0, 0.0]
-        for m in self.engine.moe_layers().values():
-            if hasattr(m.dispatcher, "reset_stats"):
-                st = m.dispatcher.reset_stats()
-                totals[0] += float(st.get("a2a_bytes_intra_node", 0))
-                totals[1] += float(st.get("a2a_bytes_inter_node", 0))
-        return totals
 
     @contextlib.contextmanager
     def _collective(self, what: str, step: int):
@@ -511,8 +495,9 @@ class Trainer:
                 with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
                     losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
                 self.samples += batch
-                with self._collective("gradient all-reduce over DP / expert-DP", step):
-                    self._reduce_gradients()
+                if self.topo is not None:
+                    with self._collective("gradient all-reduce over DP / expert-DP", step):
+                        allreduce_gradients(self.modules, self.topo)
                 self._maybe_inject_nonfinite(step + 1)
                 with self._collective("grad-norm all-reduce", step):
                     grad_norm = self.engine.grad_norm()
@@ -524,19 +509,15 @@ class Trainer:
                     with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
                         self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                with self._collective("expert-load all-reduce", step):
-                    loads = self.engine.expert_loads()
-                if not verdict.nonfinite:
-                    self.engine.update_router_biases(loads)
-                aux = self.engine.aux_loss_sum()
-                a2a = self._local_a2a_bytes()
-                self.engine.reset_moe_stats()
+                with self._collective("expert-load all-reduce", step):  # + router biases, MoE counters
+                    moe = self.engine.end_step(update_biases=not verdict.nonfinite)
                 if self.ema is not None and not verdict.nonfinite:
                     self.ema.update(dict(self.engine.named_parameters()))
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
-                lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), aux, *a2a])
+                lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), moe.aux_loss,
+                                                                   moe.a2a_bytes_intra_node, moe.a2a_bytes_inter_node])
                 memory = self._memory_bytes()
                 # losses: summed over the ranks of each replica (contract of forward_backward), then
                 # averaged over the DP replicas; a2a bytes: the total over all ranks
@@ -551,9 +532,9 @@ class Trainer:
                 saved = verdict.preempt or (bool(cfg.checkpoint.every) and step_no % cfg.checkpoint.every == 0)
                 block_s = self._save(step_no) if saved else 0.0
                 if sink is not None:
-                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, loads),
+                    sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, moe.loads),
                                        "global_batch": batch, "samples": self.samples, **a2a, **memory, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
-                             extra=self._per_layer_load(loads) if cfg.logging.log_expert_load_per_layer else None)
+                             extra=self._per_layer_load(moe.loads) if cfg.logging.log_expert_load_per_layer else None)
                 if verdict.preempt and step_no < self.steps:
                     raise Preempted(step_no)
                 if t.exit_after_steps and step_no - start >= t.exit_after_steps and step_no < self.steps:
