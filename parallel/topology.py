@@ -38,6 +38,8 @@ from datetime import timedelta
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 
 class LayoutError(ValueError):
@@ -256,23 +258,17 @@ class Topology:
     def from_env(cls, pp: int = 1, dp: Optional[int] = None, ep: int = 1, gpus_per_node: int = 8,
                  timeout: Optional[Any] = None) -> "Topology":
         """From an initialised torch.distributed (else a 1-process topology without groups)."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_world_size(), dist.get_rank(), pp, dp, ep, gpus_per_node, dist.get_backend(),
                        timeout=timeout)
         return cls(1, 0, pp, dp, ep, gpus_per_node, default_backend(), build_groups=False)
 
     def _build_groups(self) -> None:
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return
         if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
             raise LayoutError(f"Topology(world_size={self.world_size}, rank={self.rank}) does not match "
                               f"torch.distributed (world {dist.get_world_size()}, rank {dist.get_rank()})")
-        from torch.distributed.device_mesh import init_device_mesh
-
         device = "cuda" if self.backend == "nccl" else "cpu"
         self.mesh = init_device_mesh(device, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
         # The collectives run on groups built here with an explicit timeout (DeviceMesh's own
@@ -290,8 +286,6 @@ class Topology:
     def new_group_of(self, groups: list[list[int]]):
         """Create one process group per rank list (every rank creates every group, in the same
         order, as torch requires) with this topology's timeout; return the one this rank is in."""
-        import torch.distributed as dist
-
         mine = None
         for ranks in groups:
             g = dist.new_group(ranks, timeout=self.timeout)
@@ -303,8 +297,6 @@ class Topology:
         """A gloo group over every rank for collectives issued from a background thread (the
         asynchronous checkpoint writer), so that they never interleave with the training's own
         collectives on the default group. Built on first use: every rank must ask at the same point."""
-        import torch.distributed as dist
-
         if self._background_group is None and dist.is_available() and dist.is_initialized():
             self._background_group = dist.new_group(backend="gloo", timeout=self.timeout)
         return self._background_group
@@ -354,8 +346,6 @@ def init_distributed(
     """Validate the layout (from WORLD_SIZE/RANK set by torchrun) BEFORE any collective, then
     init_process_group (NCCL on CUDA, else gloo; the CUDA device is LOCAL_RANK) and build the
     Topology. Without WORLD_SIZE (plain `python`), returns a 1-process topology."""
-    import torch.distributed as dist
-
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if model_cfg is not None:
