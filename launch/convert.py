@@ -24,12 +24,19 @@ import json
 import math
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig
+from model.config import ConfigError, ModelConfig
+from model.transformer import DeepSeekV3
+from trainer import checkpoint as ckpt
 
 FP8_BLOCK = 128
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -363,8 +370,6 @@ def _shard_files(path: Path) -> list[Path]:
 
 
 def _expected(cfg: ModelConfig) -> dict[str, torch.Size]:
-    from model.transformer import DeepSeekV3
-
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -377,8 +382,6 @@ def from_hf(path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict
     `weight_scale_inv` companion are dequantised to `dtype`. If the folder holds no MTP layer
     (e.g. saved by transformers) the config gets mtp_depth=0, with a warning.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -469,10 +472,6 @@ def to_hf(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path, dtype: to
     MTP depths go in as model.layers.{n_layers+k}.* like the release; transformers has no MTP
     module and reports those keys UNEXPECTED (its ignore pattern only covers layer 61 of the 671B
     model). include_mtp=False leaves them out and writes num_nextn_predict_layers=0."""
-    from dataclasses import replace
-
-    from safetensors.torch import save_file
-
     cfg.validate()
     if not include_mtp and cfg.mtp_depth:
         cfg = replace(cfg, mtp_depth=0)
@@ -518,8 +517,6 @@ def to_hf(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path, dtype: to
 # CLI
 # ----------------------------------------------------------------------------------------------
 def _save_ours(cfg: ModelConfig, sd: dict, dst: Path) -> None:
-    import yaml
-    from safetensors.torch import save_file
 
     dst.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -534,11 +531,6 @@ def load_training_checkpoint(src: Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, state_dict) of a training checkpoint: a step_N folder, or a run.dir (its newest
     complete checkpoint). The model config comes from the checkpoint's meta.json (older ones: the
     run's config.yaml); the tensors are read with DCP under their global names."""
-    import torch.distributed.checkpoint as dcp
-    import yaml
-
-    from model.transformer import DeepSeekV3
-    from trainer import checkpoint as ckpt
 
     step_dir = src
     if not _is_step_folder(src):
@@ -566,8 +558,6 @@ def load_training_checkpoint(src: Path) -> tuple[ModelConfig, dict]:
 
 
 def _load_ours(src: Path) -> tuple[ModelConfig, dict]:
-    import yaml
-
     if _is_step_folder(src) or (src / "checkpoints").is_dir():
         return load_training_checkpoint(src)
     cfg_file = src / "model.yaml"
@@ -575,8 +565,6 @@ def _load_ours(src: Path) -> tuple[ModelConfig, dict]:
         raise ConvertError(f"{src}: no model.yaml (ModelConfig fields), no checkpoints/ and not a step_N folder")
     cfg = ModelConfig.from_dict(yaml.safe_load(cfg_file.read_text()))
     if (src / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
         return cfg, load_file(str(src / "model.safetensors"))
     if (src / "model.pt").exists():
         sd = torch.load(src / "model.pt", map_location="cpu", weights_only=True)
@@ -593,7 +581,6 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    from model.config import ConfigError
 
     try:
         if args.direction == "import":

@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from model.config import ConfigError
+from parallel.pipeline.schedule import ScheduleError
+from trainer.config import register_configs
+from trainer.data import DataError
 
 EXIT_USER_ERROR = 2
 
 
 def _rank_independent_error_types() -> tuple[type, ...]:
     """Errors every rank raises identically (config, layout, schedule, the agreed non-finite stop):
-    printed by rank 0 only. Imported here, not at the top: the precheck runs before torch loads."""
-    from model.config import ConfigError
-    from parallel.pipeline.schedule import ScheduleError
+    printed by rank 0 only."""
+    # here, not at the top: these two modules import torch, which launch.plan never loads
     from parallel.topology import LayoutError
     from trainer.step_guard import NonFiniteError
 
@@ -30,8 +40,7 @@ def _rank_independent_error_types() -> tuple[type, ...]:
 def user_error_types() -> tuple[type, ...]:
     """Every error that ends a run with one line: the rank-independent ones, plus data and
     checkpoint errors (which can differ per node, so every rank that meets one prints it)."""
-    from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
+    from trainer.checkpoint import CheckpointError  # here: it imports torch, which launch.plan never loads
 
     return (*_rank_independent_error_types(), DataError, CheckpointError)
 
@@ -57,7 +66,6 @@ def exit_with(err: BaseException | str) -> None:
     if (os.environ.get("RANK", "0") == "0") if isinstance(err, str) else should_print(err):
         print(f"error: {err}", file=sys.stderr, flush=True)
     elif "TORCHELASTIC_RUN_ID" in os.environ:
-        import time
 
         time.sleep(SILENT_RANK_GRACE_S)
     sys.exit(EXIT_USER_ERROR)
@@ -81,13 +89,7 @@ def _one_line(err: BaseException) -> str:
 def first_error(config_dir: str, overrides: list[str]) -> str | None:
     """Compose the config with these overrides and validate every key (trainer/validation.py):
     the one line naming the first bad key, or None. Nothing is created or started."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from model.config import ConfigError
-    from trainer.config import register_configs
-    from trainer.validation import validate_config
+    from trainer.validation import validate_config  # here: it imports torch, which launch.plan never loads
 
     register_configs()
     try:
@@ -105,8 +107,6 @@ def first_error(config_dir: str, overrides: list[str]) -> str | None:
 def _sweep_variants(overrides: list[str]) -> list[list[str]]:
     """The override lists to check for a -m sweep: every value of every swept key once (the
     others at their first value), not the whole cartesian product."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = []
     for o in parsed:
@@ -134,8 +134,6 @@ def precheck_overrides(config_dir: str, argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "~hydra."))]
     variants = [overrides]
     if multirun:
-        from hydra.errors import HydraException
-
         try:
             variants = _sweep_variants(overrides)
         except HydraException as err:

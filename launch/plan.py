@@ -16,25 +16,27 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from launch.errors import exit_with, user_error_types
+from model.config import ModelConfig
+from parallel import planner
+from parallel.planner import (PAPER_GPU_HOURS_PER_T, Hardware, PlanError, PlanLayout, Recipe, activation_table,
+                              load_hardware)
 from trainer.config import register_configs
+from trainer.schedules import Schedules
 
 register_configs()
 
 
 def _model_cfg(cfg: DictConfig):
-    from model.config import ModelConfig
-
     return ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
 
 
 def _layout(cfg: DictConfig):
-    from parallel.planner import PlanLayout
-
     p = cfg.parallel
     pp = int(p.pp)
     world = int(cfg.plan.world_size)
@@ -46,8 +48,6 @@ def _layout(cfg: DictConfig):
 
 
 def _recipe(cfg: DictConfig):
-    from parallel.planner import Recipe
-
     pl, t = cfg.plan, cfg.train
     return Recipe(precision=str(pl.precision or cfg.precision), recompute=str(pl.recompute or t.recompute),
                   zero=bool(pl.zero), seq_len=int(pl.seq_len or t.seq_len),
@@ -57,8 +57,6 @@ def _recipe(cfg: DictConfig):
 
 
 def _hardware(cfg: DictConfig):
-    from parallel.planner import Hardware, load_hardware
-
     if cfg.get("hardware"):
         return Hardware.from_dict(OmegaConf.to_container(cfg.hardware, resolve=True))
     return load_hardware(str(cfg.plan.hardware))
@@ -83,8 +81,6 @@ def _counts_table(c: dict) -> str:
 
 
 def _full_table(r: dict, cfg_model) -> str:
-    from parallel.planner import PAPER_GPU_HOURS_PER_T, activation_table
-
     lines = [_counts_table(r)]
     if "per_rank" not in r:  # stopped before the memory model (bad schedule / stage split)
         lines.append("INVALID LAYOUT:")
@@ -182,8 +178,6 @@ def _n_micro(cfg: DictConfig, dp: int) -> int:
 
 
 def run(cfg: DictConfig) -> int:
-    from parallel import planner
-
     mode, as_json = str(cfg.plan.mode), str(cfg.plan.format) == "json"
     if str(cfg.plan.format) not in ("table", "json"):
         raise planner.PlanError(f"plan.format: expected table|json, got {cfg.plan.format!r}")
@@ -233,11 +227,6 @@ def recipe_cost(cfg: DictConfig, model_cfg, lay, recipe, hw) -> dict:
     """The whole pre-training's cost: the planned step time at every global batch the schedule
     uses (trainer/schedules.py: the batch ramp, then the final batch), times the steps run at it,
     until train.tokens are consumed."""
-    from dataclasses import replace
-
-    from parallel import planner
-    from trainer.schedules import Schedules
-
     t = cfg.train
     unit = lay.dp * recipe.micro_batch * (2 if lay.pp > 1 and lay.schedule != "1f1b" else 1)
     batch = Schedules.from_config(t, 1, model_cfg, unit).batch
@@ -274,8 +263,6 @@ def _recipe_table(r: dict) -> str:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from parallel.planner import PlanError
-
     try:
         code = run(cfg)
     except (PlanError, *user_error_types()) as err:

@@ -31,7 +31,11 @@ import sys
 import traceback
 from typing import Any, Callable, Optional
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,14 +46,10 @@ _in_process_job = False  # set while a multirun job runs the Trainer in this pro
 
 
 def _hydra_cfg() -> Optional[DictConfig]:
-    from hydra.core.hydra_config import HydraConfig
-
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
 def in_multirun() -> bool:
-    from hydra.types import RunMode
-
     hc = _hydra_cfg()
     return hc is not None and hc.mode == RunMode.MULTIRUN
 
@@ -187,8 +187,6 @@ def format_table(rows: list[dict]) -> str:
 
 def swept_keys_of(task_overrides: list[str]) -> Optional[list[str]]:
     """Keys the command line sweeps over (train.lr=1e-3,3e-3 -> train.lr), via Hydra's parser."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(list(task_overrides))
     except Exception:  # noqa: BLE001 - the table falls back to all overrides
@@ -209,9 +207,6 @@ class SweepSummary(Callback):
         self.rows, self.swept = [], swept_keys_of(list(config.hydra.overrides.task))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-        from hydra.types import RunMode
-
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         result = job_return._return_value if job_return.status == JobStatus.COMPLETED else None

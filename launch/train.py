@@ -11,6 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from launch import sweep
 from launch.errors import exit_with, precheck_overrides, user_error_types
 from trainer.config import register_configs
 
@@ -33,24 +34,21 @@ def cpu_threads(threads: int) -> int:
 def main(cfg: DictConfig):
     # Multirun (-m) jobs, and launch.nproc_per_node > 1 outside torchrun: launch/sweep.py gives each
     # job its own run.dir and runs it under torchrun (or in-process with one rank).
-    from launch import sweep
-
     if sweep.wants_launch(cfg):
         return sweep.run_job(cfg, main)
-
+    # here, not at the top: torch loads after the override precheck (__main__) and only in the
+    # process that trains (a sweep's launcher never does)
     import torch
     import torch.distributed as dist
 
+    from trainer.dry_run import dry_run
+    from trainer.preemption import Preempted
     from trainer.trainer import Trainer
 
     if not torch.cuda.is_available():
         torch.set_num_threads(cpu_threads(cfg.train.threads))
-    from trainer.preemption import Preempted
-
     try:
         if cfg.debug.dry_run:  # one process builds ranks of the whole job on fake process groups
-            from trainer.dry_run import dry_run
-
             dry_run(cfg)
             return
         Trainer(cfg).train()
