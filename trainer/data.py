@@ -42,7 +42,6 @@ __all__ = [
     "DataError",
     "TokenDataset",
     "corpus_files",
-    "global_batch_indices",
     "prepare",
 ]
 
@@ -73,14 +72,6 @@ class DataConfig:
     val_fraction: float = 0.01      # last fraction of the tokens held out for validation
     cache_dir: Optional[str] = None  # None: $DSV3_CACHE/data or ~/.cache/dsv3/data
     lock_timeout_s: float = 1800.0  # how long a process waits for another one's build
-
-
-def global_batch_indices(step: int, global_batch: int) -> range:
-    """Global sample indices of optimizer step ``step``: ``step*global_batch ... +global_batch``."""
-    if step < 0 or global_batch < 1:
-        raise ValueError(f"global_batch_indices: need step >= 0 and global_batch >= 1, "
-                         f"got step={step}, global_batch={global_batch}")
-    return range(step * global_batch, (step + 1) * global_batch)
 
 
 # --------------------------------------------------------------------------------------- corpus
