@@ -16,19 +16,8 @@ Actions
       split (``full=False``, zero-bubble): input grads only — see ``backward_input``; the weight
       grads run in the later ``W``.
   W   the deferred weight grads (``backward_weight``; first stage: + the embedding backward).
-  FB  the forward of one micro-batch and the backward of another. On CPU the forward half runs in
-      a second thread while the main thread runs the backward half, so the interleaving is at op
-      granularity (finer than the paper's attention / dispatch / MLP / combine chunks): whenever
-      one half blocks — in an expert-parallel all-to-all (gloo runs it on its own threads, GIL
-      released), in a p2p wait, or simply waiting for its input — the other one computes, and the
-      forward's output send is posted the moment it is ready, during the backward. The two halves
-      always touch different chunks; with ep > 1 each chunk must own its EP process group
-      (``stages.shard_stage_experts`` does this) so the two threads' all-to-alls never interleave
-      on one group. What this does NOT buy on a CPU box: two compute-bound halves on a
-      one-thread-per-process budget just share the cores (no speed-up unless one of them waits).
-      On CUDA the halves run back to back on one stream (overlap="auto"); NCCL p2p still runs on
-      its own stream, but stream-level overlap of the all-to-all with the other half's kernels
-      is not implemented.
+  FB  the forward of one micro-batch and the backward of another, overlapped (threads on CPU):
+      parallel/pipeline/fb_pair.py.
 
 Communication overlap that exists on every backend: a stage's output/input-grad send is posted
 non-blocking as soon as it is computed; the receives of the next action are posted before the
@@ -37,9 +26,7 @@ current action computes (prefetch), so transfers run while the rank computes ano
 
 Weight-gradient split (``B`` with ``full=False`` then ``W``): parallel/pipeline/weight_grad.py.
 
-Evaluation (``evaluate``): the same ranks run ``schedule.forward_only`` — their F actions in
-training order, on a P2P of its own — with autograd off and the modules in eval mode; nothing
-is kept for a backward and no gradient is touched.
+Evaluation (``evaluate``): the forward-only pass of parallel/pipeline/evaluation.py.
 
 After the last action: every parameter that this rank and its stage-pair partner both hold
 (DualPipe: both stages; 1F1B: only the tied embedding of ranks 0 and pp-1) gets its gradient
@@ -49,9 +36,7 @@ reduction is left to the trainer (``parallel.grads.allreduce_gradients(engine.mo
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Optional, Sequence
 
@@ -64,8 +49,10 @@ from parallel.step_engine import StageEngine, StepLosses
 from parallel.dispatch import global_expert_load
 from parallel.grads import global_grad_norm, sum_over_stage_pair
 
+from .evaluation import ForwardOnly
+from .fb_pair import FBPairs, RunningAction
 from .p2p import P2P
-from .schedule import Action, Kind, Schedule, ScheduleError, forward_only
+from .schedule import Action, Kind, Schedule, ScheduleError
 from .timeline import TimedDispatcher, Timeline, gather_and_write
 from .weight_grad import WeightGradState, backward_input, backward_weight
 
@@ -80,11 +67,6 @@ class _Slot:
     h0: Optional[torch.Tensor] = None  # first stage: the embedding output (with graph)
     dx: Optional[torch.Tensor] = None  # first stage, split B: grad of the embedding output
     wstate: Optional[WeightGradState] = None
-
-
-class _Current(threading.local):
-    mb: Optional[int] = None
-    tid: int = 0
 
 
 class PipelineEngine(StageEngine):
@@ -114,9 +96,7 @@ class PipelineEngine(StageEngine):
         self.stages = [schedule.stage_of(self.pp_rank, c) for c in range(len(self.modules))]
         p0 = next(self.modules[0].parameters())
         self.device, self.dtype = p0.device, p0.dtype
-        if overlap not in ("auto", "thread", "none"):
-            raise ValueError(f"overlap: expected auto|thread|none, got {overlap!r}")
-        self.threaded = overlap == "thread" or (overlap == "auto" and self.device.type != "cuda")
+        self.fb_pairs = FBPairs(self.modules, overlap, self.device.type)
         self.timeline = timeline or Timeline(rank=getattr(topo, "rank", self.pp_rank), enabled=False,
                                              label=self._label())
         ranks = getattr(topo, "pp_ranks", None) or list(range(schedule.pp))
@@ -125,17 +105,14 @@ class PipelineEngine(StageEngine):
             # NCCL: the first operation on a group must be a collective of all its ranks, not a
             # batch_isend_irecv touching only some of them
             dist.barrier(group=topo.pp_group)
-        if self.threaded:
-            self._check_ep_groups()
-        self._current = _Current()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fb-forward") if self.threaded else None
+        self._current = RunningAction()
         self._params = self._unique_params()
         self._shared_names, self._pair_same_stages = self._pair_info()
         self._wrapped_dispatchers = False
         self.last_step_s = 0.0
         self._io = self.p2p  # the P2P of the running pass (training or evaluate's)
-        self._eval_p2p: Optional[P2P] = None
-        # per micro-batch count: (schedule, P2P, eval P2P) — a batch-size ramp changes the count
+        self._forward_only: Optional[ForwardOnly] = None  # evaluate's, built on first use
+        # per micro-batch count: (schedule, P2P, ForwardOnly) — a batch-size ramp changes the count
         self._by_n: dict[int, tuple] = {}
 
     def set_schedule(self, schedule: Schedule) -> None:
@@ -145,31 +122,15 @@ class PipelineEngine(StageEngine):
             return
         if schedule.pp != self.schedule.pp or schedule.placement != self.schedule.placement:
             raise ScheduleError(f"set_schedule: {schedule.name} places stages differently from {self.schedule.name}")
-        self._by_n[self.schedule.n_microbatches] = (self.schedule, self.p2p, self._eval_p2p,
-                                                     getattr(self, "_eval_actions", None))
+        self._by_n[self.schedule.n_microbatches] = (self.schedule, self.p2p, self._forward_only)
         cached = self._by_n.get(schedule.n_microbatches)
         if cached is not None and cached[0] is schedule:
-            self.schedule, self.p2p, self._eval_p2p, self._eval_actions = cached
+            self.schedule, self.p2p, self._forward_only = cached
         else:
-            self.schedule, self._eval_p2p, self._eval_actions = schedule, None, None
+            self.schedule, self._forward_only = schedule, None
             self.p2p = P2P(schedule, self.pp_rank, self.p2p.ranks, self.topo.pp_group, self.device, self.timeline)
         self.actions = schedule.actions[self.pp_rank]
         self._io = self.p2p
-
-    def _check_ep_groups(self) -> None:
-        """Threaded FB pairs run all-to-alls of two chunks at once: they need distinct groups."""
-        seen: dict[int, int] = {}
-        for c, m in enumerate(self.modules):
-            for moe in m.moe_layers().values():
-                d = moe.dispatcher
-                group, ep = getattr(d, "group", None), getattr(d, "ep", 1)
-                if group is None or ep <= 1:
-                    continue
-                if seen.setdefault(id(group), c) != c:
-                    raise ValueError("PipelineEngine(overlap='thread'): chunks "
-                                     f"{seen[id(group)]} and {c} share one expert-parallel process group; "
-                                     "shard with parallel.pipeline.stages.shard_stage_experts (one EP group "
-                                     "per chunk) or use overlap='none'")
 
     def _label(self) -> str:
         t = self.topo
@@ -256,7 +217,7 @@ class PipelineEngine(StageEngine):
             ahead = self.schedule.recvs(self.pp_rank, actions[i + 1]) if i + 1 < len(actions) else []
             p2p.post_recvs(self.schedule.recvs(self.pp_rank, act) + ahead)
             if act.kind is Kind.FB:
-                self._fb(act)
+                self.fb_pairs.run(act, self._run)
             else:
                 self._run(act)
         if self.slots or self.pending_w:
@@ -279,16 +240,13 @@ class PipelineEngine(StageEngine):
         return self.losses
 
     def evaluate(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
-        """Losses of a forward-only pass (parallel/step_engine.py's contract): the schedule's forward
-        actions in their training order (``schedule.forward_only``) over a P2P of their own, with
-        the stage modules in eval mode and autograd off."""
+        """Losses of a forward-only pass (parallel/step_engine.py's contract; evaluation.py)."""
         shape = self._check_micro_batches(micro_batches)
-        if self._eval_p2p is None:
-            fwd = forward_only(self.schedule)
-            self._eval_actions = fwd.actions[self.pp_rank]
-            self._eval_p2p = P2P(fwd, self.pp_rank, self.p2p.ranks, self.topo.pp_group, self.device)
+        if self._forward_only is None:
+            self._forward_only = ForwardOnly(self.schedule, self.pp_rank, self.p2p.ranks, self.topo.pp_group,
+                                             self.device)
         with self.eval_mode():
-            self._execute(self._eval_actions, self._eval_p2p, micro_batches, shape)
+            self._execute(self._forward_only.actions, self._forward_only.p2p, micro_batches, shape)
         return self.losses
 
     def _run(self, a: Action, tid: int = 0) -> None:
@@ -300,18 +258,6 @@ class PipelineEngine(StageEngine):
             self._weight(a, tid)
         else:  # pragma: no cover - validated schedules only hold F/B/W/FB
             raise ScheduleError(f"cannot run {a}")
-
-    def _fb(self, act: Action) -> None:
-        f, b = act.forward, act.backward
-        if self._pool is None or f.chunk == b.chunk:
-            self._run(f)
-            self._run(b)
-            return
-        fut = self._pool.submit(self._run, f, 1)
-        try:
-            self._run(b, 0)
-        finally:
-            fut.result()
 
     # ------------------------------------------------------------------ F / B / W
     def _forward(self, a: Action, tid: int) -> None:
@@ -409,6 +355,4 @@ class PipelineEngine(StageEngine):
         return gather_and_write(self.timeline, run_dir, png=png)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self.fb_pairs.close()
