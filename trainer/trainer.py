@@ -26,6 +26,7 @@ from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
 from parallel.pipeline import get_schedule
 from parallel.pipeline.runtime import PipelineEngine
 from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
+from parallel.step_engine import StepStats
 from parallel.topology import Layout, init_distributed, validate_for_model
 from parallel.zero import build_optimizer, moment_dtype_for
 from trainer import checkpoint as ckpt
@@ -401,11 +402,6 @@ class Trainer:
             self._pipeline_schedules[n] = get_schedule(self.cfg.parallel.schedule, self.layout.pp, n)
         self.engine.set_schedule(self._pipeline_schedules[n])
 
-    def _apply_schedules(self, values: dict) -> None:
-        """This step's λ and γ into the model configs (read at the loss and at the bias update)."""
-        for c in {id(c): c for c in [self.model_cfg] + [m.cfg for m in self.modules]}.values():
-            c.mtp_lambda, c.bias_update_gamma = values["mtp_lambda"], values["bias_update_gamma"]
-
     def evaluate(self) -> dict[str, float]:
         """Validation losses of the current weights and, with train.ema_decay > 0, of the EMA
         weights (swapped in, then restored bit-exactly): means over train.eval_batches global
@@ -463,6 +459,55 @@ class Trainer:
                 print(f"debug: rank {self.rank} fails hard at step {step} (attempt {attempt})", flush=True)
                 os._exit(13)
 
+    def _begin_step(self, now: dict) -> None:
+        """This step's schedules: lr into the optimizer, λ and γ into the model configs (read at
+        the loss and at the bias update), the pipeline schedule of its global batch; the
+        saved-activation meter restarts."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = now["lr"]
+        self.activations.reset()
+        for c in {id(c): c for c in [self.model_cfg] + [m.cfg for m in self.modules]}.values():
+            c.mtp_lambda, c.bias_update_gamma = now["mtp_lambda"], now["bias_update_gamma"]
+        self._use_batch(now["global_batch"])
+
+    def _step(self, step: int, batch: int):
+        """One optimizer step, in the paper's order: this rank's samples → forward/backward →
+        gradient reduction (DP, expert-DP) → grad norm, the ranks' agreed verdict, clipping →
+        AdamW (ZeRO-1) → router biases from the global expert load (→ EMA).
+        Returns (StepLosses, grad norm, StepVerdict, StepStats)."""
+        with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
+            losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
+        self.samples += batch
+        if self.topo is not None:
+            with self._collective("gradient all-reduce over DP / expert-DP", step):
+                allreduce_gradients(self.modules, self.topo)
+        self._maybe_inject_nonfinite(step + 1)
+        with self._collective("grad-norm all-reduce", step):
+            grad_norm = self.engine.grad_norm()
+        with self._collective("non-finite / preemption agreement all-reduce", step):
+            verdict = self._agree_on_step(step + 1, losses)
+        self.skipped_steps += verdict.nonfinite  # on_nonfinite=skip: no update of any state
+        if not verdict.nonfinite:
+            clip_grads_(self.engine.parameters(), grad_norm, self.cfg.train.grad_clip)
+            with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._collective("expert-load all-reduce", step):  # + router biases, MoE counters
+            moe = self.engine.end_step(update_biases=not verdict.nonfinite)
+        if self.ema is not None and not verdict.nonfinite:
+            self.ema.update(dict(self.engine.named_parameters()))
+        return losses, grad_norm, verdict, moe
+
+    def _summed_metrics(self, losses, moe: StepStats) -> tuple[float, float, float, dict]:
+        """(lm, mtp, aux losses, {a2a bytes, memory bytes}) of the step over all ranks: losses
+        summed over the ranks of each replica (forward_backward's contract), then averaged over
+        the DP replicas; a2a bytes the total over all ranks (one all-reduce for all of them)."""
+        lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), moe.aux_loss,
+                                                           moe.a2a_bytes_intra_node, moe.a2a_bytes_inter_node])
+        a2a = {"a2a_bytes_intra_node": int(intra), "a2a_bytes_inter_node": int(inter)}
+        dp = self.layout.dp
+        return lm / dp, mtp / dp, aux / dp, {**a2a, **self._memory_bytes()}
+
     def train(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         start = self._resume()
@@ -482,49 +527,19 @@ class Trainer:
         try:
             self.preemption.install()
             for step in range(start, self.steps):
-                self._maybe_fail(step + 1)
-                self.faults.at_step_start(step + 1)
+                step_no = step + 1
+                self._maybe_fail(step_no)
+                self.faults.at_step_start(step_no)
                 t0 = time.perf_counter()
-                now = self.schedules.at(step, self.samples)
+                now = self.schedules.at(step, self.samples)  # lr, global batch, λ, γ of this step
                 lr, batch = now["lr"], now["global_batch"]
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                self.activations.reset()
-                self._apply_schedules(now)
-                self._use_batch(batch)
-                with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
-                    losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
-                self.samples += batch
-                if self.topo is not None:
-                    with self._collective("gradient all-reduce over DP / expert-DP", step):
-                        allreduce_gradients(self.modules, self.topo)
-                self._maybe_inject_nonfinite(step + 1)
-                with self._collective("grad-norm all-reduce", step):
-                    grad_norm = self.engine.grad_norm()
-                with self._collective("non-finite / preemption agreement all-reduce", step):
-                    verdict = self._agree_on_step(step + 1, losses)
-                self.skipped_steps += verdict.nonfinite  # on_nonfinite=skip: no update of any state
-                if not verdict.nonfinite:
-                    clip_grads_(self.engine.parameters(), grad_norm, t.grad_clip)
-                    with self._collective("optimizer step (ZeRO-1 parameter broadcast)", step):
-                        self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                with self._collective("expert-load all-reduce", step):  # + router biases, MoE counters
-                    moe = self.engine.end_step(update_biases=not verdict.nonfinite)
-                if self.ema is not None and not verdict.nonfinite:
-                    self.ema.update(dict(self.engine.named_parameters()))
+                self._begin_step(now)
+                losses, grad_norm, verdict, moe = self._step(step, batch)
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
-                lm, mtp, aux, intra, inter = self._sum_over_ranks([float(losses.lm), float(losses.mtp), moe.aux_loss,
-                                                                   moe.a2a_bytes_intra_node, moe.a2a_bytes_inter_node])
-                memory = self._memory_bytes()
-                # losses: summed over the ranks of each replica (contract of forward_backward), then
-                # averaged over the DP replicas; a2a bytes: the total over all ranks
-                lm, mtp, aux = lm / self.layout.dp, mtp / self.layout.dp, aux / self.layout.dp
-                a2a = {"a2a_bytes_intra_node": int(intra), "a2a_bytes_inter_node": int(inter)}
+                lm, mtp, aux, summed = self._summed_metrics(losses, moe)
                 dt = time.perf_counter() - t0
-                step_no = step + 1
                 val = {}
                 if t.eval_every and (step_no % t.eval_every == 0 or step_no == self.steps):
                     with self._collective("evaluation (forward-only pipeline p2p, expert all-to-all)", step):
@@ -533,7 +548,8 @@ class Trainer:
                 block_s = self._save(step_no) if saved else 0.0
                 if sink is not None:
                     sink.log(step_no, {**self._record(lm, mtp, aux, grad_norm, lr, batch * t.seq_len / dt, dt, moe.loads),
-                                       "global_batch": batch, "samples": self.samples, **a2a, **memory, **val, "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
+                                       "global_batch": batch, "samples": self.samples, **summed, **val,
+                                       "skipped_steps": self.skipped_steps, "checkpoint_block_s": block_s},
                              extra=self._per_layer_load(moe.loads) if cfg.logging.log_expert_load_per_layer else None)
                 if verdict.preempt and step_no < self.steps:
                     raise Preempted(step_no)
