@@ -187,18 +187,15 @@ class Trainer:
         self.skipped_steps = 0  # steps whose update train.on_nonfinite=skip left out
         self.topo = None
         if self.layout.world_size > 1:
-            self._init_distributed()
+            p = cfg.parallel
+            self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
+                                         timeout_s=p.timeout_s)
         self._build()
         group = self.topo.background_group() if (self.topo is not None and cfg.checkpoint.async_save) else None
         self.writer = ckpt.CheckpointWriter(self._ckpt_root(), cfg.checkpoint.keep, self.rank,
                                             async_save=cfg.checkpoint.async_save, group=group)
 
     # ------------------------------------------------------------------ build
-    def _init_distributed(self) -> None:
-        p = self.cfg.parallel
-        self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
-                                     timeout_s=p.timeout_s)
-
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
