@@ -91,8 +91,9 @@ class DeepSeekV3(nn.Module):
         return self.head(self.norm(h))
 
     def head_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                  aux_scale: float = 1.0) -> LossOutput:
-        """Main next-token loss plus the MTP losses, from the last block's output h [B, T, dim]."""
+                  aux_scale: float = 1.0, mtp_lambda: Optional[float] = None) -> LossOutput:
+        """Main next-token loss plus the MTP losses, from the last block's output h [B, T, dim].
+        mtp_lambda: this step's λ (train.mtp_lambda's schedule); None = the config's."""
         rep = self.norm(h)
         lm_loss = F.cross_entropy(self.head(rep).flatten(0, 1).float(), labels.flatten())
         if not self.mtp:
@@ -105,12 +106,14 @@ class DeepSeekV3(nn.Module):
             logits = self.head(rep)
             mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), labels[:, k:].flatten()))
         mtp_loss = torch.stack(mtp_losses).mean()
-        return LossOutput(lm_loss + self.cfg.mtp_lambda * mtp_loss, lm_loss, mtp_loss)
+        lam = self.cfg.mtp_lambda if mtp_lambda is None else mtp_lambda
+        return LossOutput(lm_loss + lam * mtp_loss, lm_loss, mtp_loss)
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, aux_scale: float = 1.0):
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None, aux_scale: float = 1.0,
+                mtp_lambda: Optional[float] = None):
         """Whole model: token ids [B, T] → logits [B, T, V], or a LossOutput when labels are given."""
         h = self.forward_layers(self.embed_tokens(input_ids), aux_scale)
-        return self.logits(h) if labels is None else self.head_loss(h, input_ids, labels, aux_scale)
+        return self.logits(h) if labels is None else self.head_loss(h, input_ids, labels, aux_scale, mtp_lambda)
 
     # ----- MoE bookkeeping -----
     def moe_layers(self) -> dict[str, MoE]:
@@ -122,10 +125,12 @@ class DeepSeekV3(nn.Module):
         for m in self.moe_layers().values():
             m.gate.n_nodes = n_nodes
 
-    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
-        """Apply the aux-loss-free bias rule with each MoE layer's GLOBAL load of the step."""
+    def update_router_biases(self, loads: dict[str, torch.Tensor], gamma: Optional[float] = None) -> None:
+        """Apply the aux-loss-free bias rule with each MoE layer's GLOBAL load of the step and this
+        step's γ (train.bias_update_gamma's schedule; None = the config's)."""
+        gamma = self.cfg.bias_update_gamma if gamma is None else gamma
         for name, m in self.moe_layers().items():
-            bias_update(m.gate.bias, loads[name], self.cfg.bias_update_gamma)
+            bias_update(m.gate.bias, loads[name], gamma)
 
     # ----- initialisation -----
     @torch.no_grad()

@@ -5,8 +5,9 @@ optimizer, logging and checkpoints. `trainer.local_engine.LocalEngine` (one stag
 model) and `parallel.pipeline.runtime.PipelineEngine` (the rank's pipeline stages) derive from
 `StageEngine`.
 
-Contract of `forward_backward(micro_batches)`:
+Contract of `forward_backward(micro_batches, mtp_lambda=None)`:
   - micro_batches: this data-parallel rank's token windows, a list of [micro_batch, seq_len+1];
+  - mtp_lambda: this step's λ (train.mtp_lambda's schedule; None = the model config's);
   - afterwards every parameter's .grad holds d(mean loss over the rank's samples)/dp — i.e. the
     loss of each micro-batch is scaled by 1/len(micro_batches) — before any DP reduction;
   - returns StepLosses whose fields, SUMMED over all ranks of one data-parallel replica, are the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -85,20 +87,21 @@ class StageEngine:
             m.tokens_per_expert.zero_()
             m.aux_loss_sum.zero_()
 
-    def end_step(self, update_biases: bool = True) -> StepStats:
+    def end_step(self, update_biases: bool = True, gamma: Optional[float] = None) -> StepStats:
         """After the optimizer step, in one call: the global expert loads (a collective: see
-        ``expert_loads``), the router-bias update from them (left out for a skipped step), this
-        rank's balance-loss sum and all-to-all bytes; the MoE counters are then zeroed."""
+        ``expert_loads``), the router-bias update from them with this step's γ (None: the model
+        config's; left out for a skipped step), this rank's balance-loss sum and all-to-all bytes;
+        the MoE counters are then zeroed."""
         loads = self.expert_loads()
         if update_biases:
-            self.update_router_biases(loads)
+            self.update_router_biases(loads, gamma)
         stats = StepStats(loads, self.aux_loss_sum(), *self.a2a_bytes())
         self.reset_moe_stats()
         return stats
 
-    def update_router_biases(self, loads: dict[str, torch.Tensor]) -> None:
+    def update_router_biases(self, loads: dict[str, torch.Tensor], gamma: Optional[float] = None) -> None:
         for m in self.modules:
-            m.update_router_biases(loads)
+            m.update_router_biases(loads, gamma)
 
     @contextlib.contextmanager
     def eval_mode(self):

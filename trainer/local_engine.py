@@ -28,12 +28,12 @@ class LocalEngine(StageEngine):
         self.modules = [model]
         self._autocast = autocast or contextlib.nullcontext
 
-    def forward_backward(self, micro_batches: list[torch.Tensor]) -> StepLosses:
+    def forward_backward(self, micro_batches: list[torch.Tensor], mtp_lambda: Optional[float] = None) -> StepLosses:
         m = len(micro_batches)
         losses = StepLosses()
         with self._autocast():
             for tokens in micro_batches:
-                out = self.model(tokens[:, :-1], tokens[:, 1:], aux_scale=1.0 / m)
+                out = self.model(tokens[:, :-1], tokens[:, 1:], aux_scale=1.0 / m, mtp_lambda=mtp_lambda)
                 (out.loss / m).backward()
                 losses.add(out.lm_loss, out.mtp_loss, 1.0 / m)
         return losses

@@ -185,6 +185,7 @@ class Trainer:
         self.faults = FaultPlan(cfg.debug.faults, self.rank)
         self.preemption = PreemptionFlag(parse_signals(cfg.checkpoint.preemption_signals))
         self.skipped_steps = 0  # steps whose update train.on_nonfinite=skip left out
+        self.mtp_lambda = self.model_cfg.mtp_lambda  # the running step's λ (train.mtp_lambda), for the logs
         self.topo = None
         if self.layout.world_size > 1:
             p = cfg.parallel
@@ -418,7 +419,7 @@ class Trainer:
             losses = self.engine.evaluate(self._micro_batches(k * t.global_batch, t.global_batch, split="val"))
             lm, mtp = lm + float(losses.lm), mtp + float(losses.mtp)
         lm, mtp = (v / (self.layout.dp * t.eval_batches) for v in self._sum_over_ranks([lm, mtp]))
-        return {f"val_loss{suffix}": lm + self.model_cfg.mtp_lambda * mtp,
+        return {f"val_loss{suffix}": lm + self.mtp_lambda * mtp,
                 f"val_lm_loss{suffix}": lm, f"val_mtp_loss{suffix}": mtp}
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
@@ -457,23 +458,23 @@ class Trainer:
                 os._exit(13)
 
     def _begin_step(self, now: dict) -> None:
-        """This step's schedules: lr into the optimizer, λ and γ into the model configs (read at
-        the loss and at the bias update), the pipeline schedule of its global batch; the
+        """This step's schedules: lr into the optimizer, the pipeline schedule of its global
+        batch, λ for the logged losses (the engine gets λ and γ as arguments); the
         saved-activation meter restarts."""
         for g in self.optimizer.param_groups:
             g["lr"] = now["lr"]
         self.activations.reset()
-        for c in {id(c): c for c in [self.model_cfg] + [m.cfg for m in self.modules]}.values():
-            c.mtp_lambda, c.bias_update_gamma = now["mtp_lambda"], now["bias_update_gamma"]
+        self.mtp_lambda = now["mtp_lambda"]
         self._use_batch(now["global_batch"])
 
-    def _step(self, step: int, batch: int):
+    def _step(self, step: int, now: dict):
         """One optimizer step, in the paper's order: this rank's samples → forward/backward →
         gradient reduction (DP, expert-DP) → grad norm, the ranks' agreed verdict, clipping →
         AdamW (ZeRO-1) → router biases from the global expert load (→ EMA).
         Returns (StepLosses, grad norm, StepVerdict, StepStats)."""
+        batch = now["global_batch"]
         with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
-            losses = self.engine.forward_backward(self._micro_batches(self.samples, batch))
+            losses = self.engine.forward_backward(self._micro_batches(self.samples, batch), now["mtp_lambda"])
         self.samples += batch
         if self.topo is not None:
             with self._collective("gradient all-reduce over DP / expert-DP", step):
@@ -490,7 +491,7 @@ class Trainer:
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with self._collective("expert-load all-reduce", step):  # + router biases, MoE counters
-            moe = self.engine.end_step(update_biases=not verdict.nonfinite)
+            moe = self.engine.end_step(update_biases=not verdict.nonfinite, gamma=now["bias_update_gamma"])
         if self.ema is not None and not verdict.nonfinite:
             self.ema.update(dict(self.engine.named_parameters()))
         return losses, grad_norm, verdict, moe
@@ -531,7 +532,7 @@ class Trainer:
                 now = self.schedules.at(step, self.samples)  # lr, global batch, λ, γ of this step
                 lr, batch = now["lr"], now["global_batch"]
                 self._begin_step(now)
-                losses, grad_norm, verdict, moe = self._step(step, batch)
+                losses, grad_norm, verdict, moe = self._step(step, now)
                 if cfg.debug.record_timeline and self.schedule is not None and step == start:
                     self.engine.save_timeline(cfg.run.dir)
                     self.engine.timeline.enabled = False
@@ -569,7 +570,7 @@ class Trainer:
         cvs = [_load_cv(l) for l in loads.values()]
         mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.layout.world_size)
         return {
-            "loss": lm + self.model_cfg.mtp_lambda * mtp + aux,
+            "loss": lm + self.mtp_lambda * mtp + aux,
             "lm_loss": lm,
             "mtp_loss": mtp,
             "aux_loss": aux,

@@ -112,6 +112,7 @@ class PipelineEngine(StageEngine):
         self.last_step_s = 0.0
         self._io = self.p2p  # the P2P of the running pass (training or evaluate's)
         self._forward_only: Optional[ForwardOnly] = None  # evaluate's, built on first use
+        self._mtp_lambda: Optional[float] = None  # the running step's λ (forward_backward's argument)
         # per micro-batch count: (schedule, P2P, ForwardOnly) — a batch-size ramp changes the count
         self._by_n: dict[int, tuple] = {}
 
@@ -226,8 +227,9 @@ class PipelineEngine(StageEngine):
         p2p.finish()
         self.tokens = []
 
-    def forward_backward(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
+    def forward_backward(self, micro_batches: Sequence[torch.Tensor], mtp_lambda: Optional[float] = None) -> StepLosses:
         shape = self._check_micro_batches(micro_batches)
+        self._mtp_lambda = mtp_lambda
         tl = self.timeline
         if tl.enabled:
             dist.barrier(group=self.topo.pp_group)
@@ -242,6 +244,7 @@ class PipelineEngine(StageEngine):
     def evaluate(self, micro_batches: Sequence[torch.Tensor]) -> StepLosses:
         """Losses of a forward-only pass (parallel/step_engine.py's contract; evaluation.py)."""
         shape = self._check_micro_batches(micro_batches)
+        self._mtp_lambda = None  # the losses are recorded apart; λ only weighs the training backward
         if self._forward_only is None:
             self._forward_only = ForwardOnly(self.schedule, self.pp_rank, self.p2p.ranks, self.topo.pp_group,
                                              self.device)
@@ -279,7 +282,7 @@ class PipelineEngine(StageEngine):
                 x = h0.detach().requires_grad_(torch.is_grad_enabled())
             h = mod.forward_layers(x, aux_scale=1.0 / self.n_micro)
             if last:
-                o = mod.head_loss(h, ids, tokens[:, 1:], aux_scale=1.0 / self.n_micro)
+                o = mod.head_loss(h, ids, tokens[:, 1:], aux_scale=1.0 / self.n_micro, mtp_lambda=self._mtp_lambda)
                 out = o.loss / self.n_micro
                 self.losses.add(o.lm_loss, o.mtp_loss, 1.0 / self.n_micro)
             else:
