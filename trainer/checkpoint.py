@@ -253,7 +253,8 @@ def weight_storage(param_dtype: torch.dtype) -> str:
     """meta.json's weights.storage: how the weights (and masters) of a checkpoint are stored."""
     if param_dtype == torch.float32:
         return "fp32 weights (no master copies)"
-    return f"{str(param_dtype).removeprefix('torch.')} weights + fp32 master ranges"
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(param_dtype, str(param_dtype))
+    return f"{short} weights + fp32 master ranges"
 
 
 def incompatibility(meta: dict, expected: dict) -> Optional[str]:
