@@ -209,6 +209,7 @@ def floors(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("precision", LOW)
 def test_layouts_match_one_process_to_the_measured_floor(floors, tmp_path, precision):
@@ -224,6 +225,7 @@ def test_layouts_match_one_process_to_the_measured_floor(floors, tmp_path, preci
             assert err <= FACTOR * floor[key], (name, key, err, floor[key])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_bf16_checkpoint_reshards_and_resumes_bit_identically(floors, tmp_path):
     """Save at dp2×ep2 (bf16) after 4 of 8 steps; resume at the same layout (steps 5-8 bit-identical
