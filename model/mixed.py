@@ -19,6 +19,7 @@ fail on that (tests/test_mixed_precision.py).
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,14 @@ PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bflo
 # the pipeline runtime runs backward passes of a rank's two chunks in two threads, and those chunks
 # share the embedding: accumulation into one main_grad must not interleave
 _ACCUMULATE = threading.Lock()
+# the live FP32 copies weight() made, by storage address: autograd saves them for backward, but
+# they are weights, not activations (trainer/precision.py's meters leave them out)
+_COPIES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def is_weight_copy(t: torch.Tensor) -> bool:
+    """True when `t` (or the tensor it views) is an FP32 copy of a weight made by weight()."""
+    return _COPIES.get(t.untyped_storage().data_ptr()) is not None
 
 
 @dataclass(frozen=True)
@@ -57,7 +66,10 @@ class _Upcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p: torch.Tensor) -> torch.Tensor:
         ctx.param = p  # not save_for_backward: a parameter, alive anyway; nothing is saved twice
-        return p.to(COMPUTE_DTYPE)
+        out = p.to(COMPUTE_DTYPE)
+        if not out.is_meta:
+            _COPIES[out.untyped_storage().data_ptr()] = out
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -77,7 +89,7 @@ def weight(p: torch.Tensor) -> torch.Tensor:
         return p
     if p.requires_grad and torch.is_grad_enabled():
         return _Upcast.apply(p)
-    return p.detach().to(COMPUTE_DTYPE)
+    return p.detach().to(COMPUTE_DTYPE)  # no graph: nothing saves it
 
 
 def cast_parameters(module: nn.Module, dtype: torch.dtype) -> None:

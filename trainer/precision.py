@@ -31,7 +31,8 @@ recomputes.
 
 ``SavedActivations`` measures activation memory on any device: the bytes of the distinct
 storages that autograd saves for backward inside the context (via
-``torch.autograd.graph.saved_tensors_hooks``), parameters and buffers excluded. Unlike the
+``torch.autograd.graph.saved_tensors_hooks``), parameters, buffers and the FP32 copies of BF16
+weights that model.mixed.weight makes for CPU compute excluded. Unlike the
 process RSS peak (``ru_maxrss``, monotonic and including the Python heap) it isolates what
 activation recomputation saves: tensors saved inside a checkpointed region never reach the
 outer hook (the checkpoint keeps only its inputs, which are counted).
@@ -46,7 +47,7 @@ import torch
 from torch import nn
 
 from model.config import PRECISIONS, ConfigError
-from model.mixed import Numerics, numerics_for
+from model.mixed import Numerics, is_weight_copy, numerics_for
 from model.transformer import enable_fp8
 
 __all__ = ["PRECISIONS", "LiveSavedActivations", "Numerics", "SavedActivations", "apply_precision", "autocast_for",
@@ -117,7 +118,7 @@ class SavedActivations:
         self._hooks = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
+        if t.layout == torch.strided and not t.is_meta and not is_weight_copy(t):
             key, nbytes = _storage_key(t)
             if key not in self._excluded and nbytes > 0:
                 self._seen[key] = max(nbytes, self._seen.get(key, 0))
@@ -198,7 +199,7 @@ class LiveSavedActivations:
             self.peak = self._live
 
     def _pack(self, t: torch.Tensor):
-        if t.layout != torch.strided or t.is_meta:
+        if t.layout != torch.strided or t.is_meta or is_weight_copy(t):
             return t
         key, nbytes = _storage_key(t)
         if key in self._excluded or nbytes == 0:
