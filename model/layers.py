@@ -1,4 +1,4 @@
-"""Building blocks: Linear (with an FP8 switch), RMSNorm, RoPE with YaRN, SwiGLU MLP."""
+"""Building blocks: Linear (with an FP8 switch), Embedding, RMSNorm, RoPE with YaRN, SwiGLU MLP."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.fp8 import fp8_linear
+from model.mixed import weight
 
 
 class Linear(nn.Linear):
@@ -23,9 +24,19 @@ class Linear(nn.Linear):
         self.fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = weight(self.weight), (weight(self.bias) if self.bias is not None else None)
         if self.fp8:
-            return fp8_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return fp8_linear(x, w, b)
+        return F.linear(x, w, b)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table is read through model.mixed.weight (BF16 storage, fp32 rows and
+    an fp32 gradient under mixed precision)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, weight(self.weight), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +48,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).type_as(x)
+        return (xf * weight(self.weight)).type_as(x)
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:

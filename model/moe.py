@@ -18,6 +18,7 @@ from torch import nn
 from model.config import ConfigError, ModelConfig
 from model.fp8 import fp8_linear, fp8_linear_prequantized
 from model.layers import MLP
+from model.mixed import weight
 from model.wire import FP32, Wire, encode_rows, round_trip
 
 
@@ -63,7 +64,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, dim] → (gate weights [N, k], expert ids [N, k], scores [N, E] for the balance loss)."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), weight(self.weight).float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         biased = scores + self.bias
         if self.n_groups > 1:  # group-limited: group score = sum of its top-2 biased scores
@@ -102,7 +103,7 @@ class Experts(nn.Module):
         linear = fp8_linear if self.fp8 else F.linear
         # unbind once: indexing w[e] per expert would make backward allocate a zero [E, out, in]
         # gradient for every expert; unbind's backward is a single stack.
-        w1, w2, w3 = self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        w1, w2, w3 = weight(self.w1).unbind(0), weight(self.w2).unbind(0), weight(self.w3).unbind(0)
         tiles = [None] * len(counts)
         if x_fp8 is not None and self.fp8:
             tiles = list(zip(torch.split(x_fp8[0], counts), torch.split(x_fp8[1], counts)))

@@ -16,7 +16,8 @@ from torch import nn
 
 from model.block import Block
 from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig
-from model.layers import Linear, RMSNorm, rope_cache
+from model.layers import Embedding, Linear, RMSNorm, rope_cache
+from model.mixed import Numerics, cast_parameters
 from model.moe import Dispatcher, ExpertPlacement, MoE, Experts, Router, bias_update
 from model.mtp import MTPModule
 
@@ -41,6 +42,8 @@ class DeepSeekV3(nn.Module):
     built here is the model that runs: nothing is swapped in afterwards.
     `recompute` (train.recompute): 'none' | 'norm_and_up_proj' (recompute MLA's latent norms and
     up-projections in backward) | 'full' (keep only each block's input).
+    `numerics` (model/mixed.py) likewise: the parameters' storage dtype (BF16 under bf16/fp8,
+    every weight read through model.mixed.weight) and the FP8 switch of the projections.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class DeepSeekV3(nn.Module):
         dispatcher: Optional[Dispatcher] = None,
         recompute: str = "none",
         init_seed: Optional[int] = 0,
+        numerics: Numerics = Numerics(),
     ):
         super().__init__()
         if recompute not in RECOMPUTE_MODES:
@@ -62,7 +66,7 @@ class DeepSeekV3(nn.Module):
         self.has_embed, self.has_head = has_embed, has_head
         ids = range(cfg.n_layers) if layer_ids is None else list(layer_ids)
         needs_embed = has_embed or (has_head and cfg.mtp_depth > 0)
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
+        self.embed = Embedding(cfg.vocab_size, cfg.dim) if needs_embed else None
         self.layers = nn.ModuleDict({str(i): Block(cfg, i, experts, dispatcher, recompute) for i in ids})
         if has_head:
             self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -72,6 +76,10 @@ class DeepSeekV3(nn.Module):
         else:
             self.norm = self.head = self.mtp = None
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        self.numerics = numerics
+        cast_parameters(self, numerics.param_dtype)  # init_weights' fp32 values are rounded into them
+        if numerics.fp8:
+            enable_fp8(self)
         if init_seed is not None and not self.rope.is_meta:
             self.init_weights(init_seed)
 
@@ -136,7 +144,8 @@ class DeepSeekV3(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Seed every parameter (every expert) by its global name, so any sharding or stage split
-        reproduces the single-process values. Norm weights are 1, biases 0, the rest N(0, init_std)."""
+        reproduces the single-process values. Norm weights are 1, biases 0, the rest N(0, init_std),
+        drawn in fp32 and rounded to the parameters' storage dtype (BF16 under mixed precision)."""
         std = self.cfg.init_std
         for mod_name, mod in self.named_modules():
             for p_name, p in mod.named_parameters(recurse=False):

@@ -10,6 +10,10 @@ Norm: each gradient element must be counted exactly once in the norm, whatever t
 non-expert gradients are replicated over DP (count on one copy: they are identical after the
 DP reduction), expert gradients are distinct over EP and replicated over expert-DP, stages are
 distinct over PP. So: Σ expert² is summed over the EP group, then everything over the PP group.
+
+`grad_of(p)` is the only way code reads a gradient: a BF16 parameter's gradient is the fp32
+`main_grad` that model.mixed.weight accumulates (it never has a `.grad`), an FP32 parameter's is
+its `.grad`.
 """
 from __future__ import annotations
 
@@ -20,7 +24,44 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.mixed import MAIN_GRAD, is_low_precision
 from model.naming import is_expert_param
+
+
+def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient of parameter `p` (None before any backward reached it): the fp32 main_grad of
+    a low-precision parameter, else `.grad`."""
+    return getattr(p, MAIN_GRAD, None) if is_low_precision(p) else p.grad
+
+
+def grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    """`grad_of(p)`, materialised as zeros of the gradient's dtype when missing (a shard that
+    received no token, an unused parameter) so that every rank reduces the same buckets."""
+    g = grad_of(p)
+    if g is None:
+        g = torch.zeros(p.shape, dtype=grad_dtype(p), device=p.device)
+        if is_low_precision(p):
+            setattr(p, MAIN_GRAD, g)
+        else:
+            p.grad = g
+    return g
+
+
+def clear_grad(p: torch.Tensor) -> None:
+    """Drop `p`'s gradient (zero_grad(set_to_none=True))."""
+    p.grad = None
+    if hasattr(p, MAIN_GRAD):
+        setattr(p, MAIN_GRAD, None)
+
+
+def grad_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype gradients of `p` accumulate in: fp32 for a BF16 parameter, its own otherwise."""
+    return torch.float32 if is_low_precision(p) else p.dtype
+
+
+def grad_nbytes(params) -> int:
+    """Bytes of the gradients of `params` once materialised (4 per element under mixed precision)."""
+    return int(sum(p.numel() * torch.empty((), dtype=grad_dtype(p)).element_size() for p in params))
 
 
 def group_size(group: Any) -> int:
@@ -86,12 +127,10 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Module]], topo: Any,
     first, inside the pipeline step.
     """
     params = _named_params(model)
-    for _, p, _ in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    grads = [grad_or_zeros(p) for _, p, _ in params]
     bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
-    dense = [p.grad for _, p, is_exp in params if not is_exp]
-    expert = [p.grad for _, p, is_exp in params if is_exp]
+    dense = [g for g, (_, _, is_exp) in zip(grads, params) if not is_exp]
+    expert = [g for g, (_, _, is_exp) in zip(grads, params) if is_exp]
     scale = 1.0 / topo.dp
     for g in dense + expert:
         g.mul_(scale)
@@ -104,21 +143,17 @@ def sum_over_stage_pair(params: list[nn.Parameter], group: Any) -> int:
     """SUM the gradients of `params` (held by both ranks of a pipeline stage pair, in the same
     order on both) over `group`, in one collective; missing grads become zeros first. Returns the
     bytes all-reduced."""
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    return _all_reduce_flat(grads, group)
+    return _all_reduce_flat([grad_or_zeros(p) for p in params], group)
 
 
 def global_grad_norm(named_params, ep_group=None, pp_group=None) -> float:
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
     for name, p in named_params:
-        if p.grad is None:
+        g = grad_of(p)
+        if g is None:
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = g.detach().double().pow(2).sum().cpu()
         if is_expert_param(name):
             expert += sq
         else:
@@ -135,8 +170,9 @@ def clip_grads_(params, norm: float, max_norm: float) -> None:
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
         for p in params:
-            if p.grad is not None:
-                p.grad.mul_(coef)
+            g = grad_of(p)
+            if g is not None:
+                g.mul_(coef)
 
 
 def count_bytes(tensors) -> int:

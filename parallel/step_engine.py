@@ -8,7 +8,8 @@ model) and `parallel.pipeline.runtime.PipelineEngine` (the rank's pipeline stage
 Contract of `forward_backward(micro_batches, mtp_lambda=None)`:
   - micro_batches: this data-parallel rank's token windows, a list of [micro_batch, seq_len+1];
   - mtp_lambda: this step's λ (train.mtp_lambda's schedule; None = the model config's);
-  - afterwards every parameter's .grad holds d(mean loss over the rank's samples)/dp — i.e. the
+  - afterwards every parameter's gradient (parallel.grads.grad_of: .grad, or the fp32 main_grad
+    of a BF16 weight) holds d(mean loss over the rank's samples)/dp — i.e. the
     loss of each micro-batch is scaled by 1/len(micro_batches) — before any DP reduction;
   - returns StepLosses whose fields, SUMMED over all ranks of one data-parallel replica, are the
     replica's mean losses (a rank that computes no loss returns zeros).

@@ -31,7 +31,7 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from parallel.grads import group_size
+from parallel.grads import clear_grad, grad_nbytes, grad_of, group_size
 from parallel.param_groups import optimizer_param_groups
 from parallel.partition import zero_partition
 
@@ -121,7 +121,7 @@ class _Part:
         beta1, beta2 = betas
         for gi, g in enumerate(self.groups):
             ks = [k for k, (i, *_) in enumerate(self.pieces)
-                  if self.group_of[i] == gi and self.params[i].grad is not None]
+                  if self.group_of[i] == gi and grad_of(self.params[i]) is not None]
             if not ks:
                 continue
             pcs = [self.pieces[k] for k in ks]
@@ -159,7 +159,7 @@ class _Part:
         self._gather()
 
     def _grad(self, i: int) -> torch.Tensor:
-        return self.params[i].grad.view(-1)
+        return grad_of(self.params[i]).view(-1)
 
     @torch.no_grad()
     def _gather(self) -> None:
@@ -213,8 +213,7 @@ class ShardedAdamW:
         return [g for part in self.parts for g in part.groups]
 
     def step(self) -> None:
-        self.grad_bytes = sum(p.grad.numel() * p.grad.element_size() for part in self.parts
-                              for p in part.params if p.grad is not None)
+        self.grad_bytes = grad_nbytes(p for part in self.parts for p in part.params if grad_of(p) is not None)
         for part in self.parts:
             part.step(self.betas, self.eps)
 
@@ -222,9 +221,9 @@ class ShardedAdamW:
         for part in self.parts:
             for p in part.params:
                 if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                    clear_grad(p)
+                elif grad_of(p) is not None:
+                    grad_of(p).zero_()
 
     # --- what this rank holds (for checkpoints and memory accounting)
     def shards(self) -> list[ParamShard]:

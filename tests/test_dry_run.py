@@ -12,8 +12,9 @@ TOY_JOB = ["model=toy", "parallel.pp=2", "parallel.dp=4", "parallel.ep=2", "para
 
 def _planned(cfg, rank: int):
     """launch.plan's figures for `rank` of the run `cfg`: plan() (its layer split and activation
-    bytes) and predict_rank_bytes for that split with the numerics the runtime holds (fp32
-    weights and grads, no master copy, AdamW moments in optim.moment_dtype; balanced ZeRO-1)."""
+    bytes) and predict_rank_bytes for that split with the numerics the runtime holds (`precision`:
+    fp32 weights, or BF16 weights + FP32 master under bf16/fp8; FP32 grads; AdamW moments in
+    optim.moment_dtype; balanced ZeRO-1)."""
     from dataclasses import replace
 
     from omegaconf import OmegaConf
@@ -31,7 +32,7 @@ def _planned(cfg, rank: int):
         lay = replace(lay, layers_per_stage=tuple(r["layout"]["layers_per_stage"]))
     moments = cfg.optim.moment_dtype if cfg.optim.moment_dtype != "auto" else \
         ("fp32" if cfg.precision == "fp32" else "bf16")
-    return P.predict_rank_bytes(mcfg, lay, rank, precision="fp32", zero=True, moment_dtype=moments), r
+    return P.predict_rank_bytes(mcfg, lay, rank, precision=cfg.precision, zero=True, moment_dtype=moments), r
 
 
 def _check(cfg, rb):
@@ -46,8 +47,9 @@ def _check(cfg, rb):
 
 
 @pytest.mark.parametrize("layout", [TOY_JOB, TOY_JOB[:1] + ["parallel.dp=4", "parallel.ep=4", "debug.dry_run=true",
-                                                            "debug.dry_run_ranks=[1,2]"]],
-                         ids=["pp2_dp4_ep2_dualpipe", "dp4_ep4"])
+                                                            "debug.dry_run_ranks=[1,2]"],
+                                    TOY_JOB + ["precision=bf16"]],
+                         ids=["pp2_dp4_ep2_dualpipe", "dp4_ep4", "pp2_dp4_ep2_dualpipe_bf16"])
 def test_dry_run_bytes_equal_the_planners(layout, capsys):
     from trainer.dry_run import dry_run
 

@@ -77,28 +77,33 @@ RUNS = [
      dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
     ("pp2_dp4_ep4_dualpipe_fp8", 8, DUALPIPE + ["parallel.ep=4", "precision=fp8", "train.global_batch=16"],
      dict(pp=2, dp=4, ep=4, schedule="dualpipe")),
+    ("dp4_ep2_bf16", 4, ["parallel.ep=2", "precision=bf16"], dict(pp=1, dp=4, ep=2)),
+    ("pp2_dp2_ep2_dualpipe_bf16", 4, DUALPIPE + ["parallel.ep=2", "precision=bf16"],
+     dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
 ]
 
 
 @pytest.mark.parametrize("nproc,overrides,layout", [r[1:] for r in RUNS], ids=[r[0] for r in RUNS])
 def test_planned_bytes_equal_run(tmp_path, nproc, overrides, layout):
-    """Rank 0's param/grad/optimizer bytes and their max and min over all ranks equal the plan.
-    The CPU trainer keeps FP32 weights and gradients under every precision (fp8 is simulated on
-    them), so the plan is asked for fp32 weights with the run's moment dtype (auto: bf16 under fp8)."""
+    """Rank 0's param/grad/optimizer bytes and their max and min over all ranks equal the plan of
+    the run's precision: fp32 = FP32 weights, grads and moments; bf16/fp8 = BF16 weights, FP32
+    grads, FP32 master + moments (auto: BF16) in the ZeRO-1 range (the runtime holds exactly that
+    on CPU too: BF16 storage, fp32 compute)."""
     zero = "parallel.zero=false" not in overrides
+    precision = next((o.split("=")[1] for o in overrides if o.startswith("precision=")), "fp32")
     moments = next((o.split("=")[1] for o in overrides if o.startswith("optim.moment_dtype=")),
-                   "bf16" if "precision=fp8" in overrides else "fp32")
+                   "fp32" if precision == "fp32" else "bf16")
     out = run_cli(overrides + ["train.steps=1", f"run.dir={tmp_path}"], nproc=nproc, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]
     row = read_metrics(str(tmp_path))[0]
     assert row["step"] == 1
-    preds = [P.predict_rank_bytes(_tiny_cfg(), layout, rank=r, precision="fp32", zero=zero, moment_dtype=moments)
+    preds = [P.predict_rank_bytes(_tiny_cfg(), layout, rank=r, precision=precision, zero=zero, moment_dtype=moments)
              for r in range(nproc)]
     for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
         want = [p[key] for p in preds]
         assert (row[key], row[f"{key}_max"], row[f"{key}_min"]) == (want[0], max(want), min(want)), key
     if zero and layout["dp"] > 1:  # the state really is sharded, and evenly over a DP group
-        full = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision="fp32", zero=False, moment_dtype=moments)
+        full = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision=precision, zero=False, moment_dtype=moments)
         assert preds[0]["optimizer_state_bytes"] < full["optimizer_state_bytes"]
     if layout == dict(pp=1, dp=4, ep=2):  # one DP group: max / min of the state over its ranks
         assert row["optimizer_state_bytes_max"] / row["optimizer_state_bytes_min"] <= 1.01

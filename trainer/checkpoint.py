@@ -249,14 +249,28 @@ def _first_difference(saved: dict, current: dict, prefix: str = "") -> Optional[
     return None
 
 
+def weight_storage(param_dtype: torch.dtype) -> str:
+    """meta.json's weights.storage: how the weights (and masters) of a checkpoint are stored."""
+    if param_dtype == torch.float32:
+        return "fp32 weights (no master copies)"
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(param_dtype, str(param_dtype))
+    return f"{short} weights + fp32 master ranges"
+
+
 def incompatibility(meta: dict, expected: dict) -> Optional[str]:
     """What differs between a checkpoint's meta.json and this run (expected: the same "model",
-    "params", "data" entries a save would write; without "data" the data is not compared), or None. Entries an older checkpoint lacks are
-    not compared (its DCP load errors are translated instead)."""
+    "params", "weights", "data" entries a save would write; without "data" the data is not
+    compared), or None. Entries an older checkpoint lacks are not compared (its DCP load errors
+    are translated instead: an FP32 checkpoint without "weights" into a BF16 run names the first
+    missing master, "tensor optim.<name>.master: absent from the checkpoint")."""
     if "model" in meta:
         diff = _first_difference(meta["model"], expected["model"], "model.")
         if diff:
             return diff
+    if "weights" in meta and "weights" in expected:
+        diff = _first_difference(meta["weights"], expected["weights"], "weights.")
+        if diff:
+            return diff + " (precision fp32 and bf16/fp8 checkpoints do not convert; resume with the saved precision)"
     if "params" in meta:
         saved, cur = meta["params"], expected["params"]
         for name in list(saved) + [n for n in cur if n not in saved]:

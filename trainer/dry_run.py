@@ -24,12 +24,12 @@ from omegaconf import OmegaConf
 from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fake backend ("fake")
 
 from model import ConfigError, ModelConfig
-from parallel.grads import count_bytes
+from parallel.grads import count_bytes, grad_nbytes
 from parallel.pipeline import get_schedule, validate as validate_schedule
 from parallel.planner import rank_activation_bytes
 from parallel.topology import Topology
 from parallel.zero import build_optimizer, moment_dtype_for
-from trainer.precision import apply_precision
+from trainer.precision import numerics_for
 from trainer.trainer import build_modules, expert_dispatch, expert_nodes, plan_stages, schedules, validate
 
 WORLD_ENV = "DSV3_DRY_RUN_WORLD"
@@ -76,9 +76,7 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
                                 *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"),
-                                recompute=cfg.train.recompute)
-        for m in modules:
-            apply_precision(m, cfg.precision, "cpu")
+                                numerics=numerics_for(cfg.precision), recompute=cfg.train.recompute)
         named: dict = {}
         for m in modules:  # as the engines list them: every parameter once (one shared embedding)
             named.update(dict(m.named_parameters()))
@@ -106,7 +104,7 @@ def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) 
         layers=[len(m.layers) for m in modules],
         param_count=sum(p.numel() for p in params),
         param_bytes=count_bytes(params),
-        grad_bytes=count_bytes(params),  # .grad has the parameter's dtype and shape
+        grad_bytes=grad_nbytes(params),  # fp32 under every precision (BF16 weights: main_grad)
         optimizer_state_bytes=optimizer.state_bytes(),
         activation_bytes=activations,
     )

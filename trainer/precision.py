@@ -1,28 +1,29 @@
 """Mixed precision for training (`precision: fp32 | bf16 | fp8`) and an activation-memory meter.
 
-``apply_precision(model, precision, device)`` prepares the model for the chosen precision and
-returns a factory of the context that must wrap every forward pass (``with autocast(): ...``):
+The model is built for its precision (``DeepSeekV3(..., numerics=numerics_for(precision))``,
+model/mixed.py), and ``autocast_for(precision, device)`` is the factory of the context that wraps
+every forward pass (``with autocast(): ...``):
 
-=========  ==============================================================================  =====
-precision  what happens                                                                    CPU
-=========  ==============================================================================  =====
-fp32       nothing; the factory yields a null context                                      yes
-bf16       CUDA: ``torch.autocast("cuda", dtype=torch.bfloat16)`` around the forward;       no
-           parameters (master weights), gradients and optimizer states stay fp32
-fp8        ``enable_fp8(model)``: attention, MLP and expert projections run their three    yes
-           GEMMs in fine-grained FP8 (E4M3, 1×128 / 128×128 scales, fp32 accumulation);     (sim)
-           embedding, head, router, norms and the attention core stay high precision —
-           on CUDA in bf16 autocast, on CPU in fp32 (FP8 is simulated exactly there).
-           Weights and gradients stay fp32 (so no separate master copy).
-=========  ==============================================================================  =====
+=========  ==============================================================================
+precision  what happens (CPU and CUDA)
+=========  ==============================================================================
+fp32       FP32 weights and gradients; the factory yields a null context
+bf16       BF16 weights (the seeded FP32 initialisation rounded); every read goes through
+           model.mixed.weight: an FP32 value for compute and an FP32 gradient accumulated in
+           ``param.main_grad`` (no BF16 ``.grad``). CPU: fp32 GEMMs on the BF16 values (CPU
+           BF16 matmuls are ~400× slower); CUDA: ``torch.autocast("cuda", bfloat16)`` around the
+           forward, native BF16 GEMMs.
+fp8        bf16's storage, and attention, MLP and expert projections run their three GEMMs in
+           fine-grained FP8 (E4M3, 1×128 / 128×128 scales, fp32 accumulation); embedding, head,
+           router, norms and the attention core stay high precision — on CUDA in bf16
+           autocast, on CPU in fp32 (FP8 is simulated exactly there).
+=========  ==============================================================================
 
-bf16 on CPU is refused with a ConfigError (docs/architecture.md invariant 4: CPU runs are fp32; bf16
-matmuls on these CPUs are ~400× slower), so ``launch.train precision=bf16`` without a GPU ends
-with one line ``error: precision=bf16: ...``.
-
-Whatever the precision, the AdamW moments are stored in ``optim.moment_dtype`` (auto: bf16 under
-bf16/fp8) and a non-FP32 weight gets an FP32 master copy, both only in this rank's ZeRO-1 range
-(parallel/zero.py).
+Under bf16/fp8 the FP32 master copy of the weights and the AdamW moments (``optim.moment_dtype``,
+auto: bf16) exist only in this rank's ZeRO-1 range (parallel/zero.py); the updated range is cast
+to BF16 and all-gathered. ``apply_precision(model, precision, device)`` is the older path for a
+model already built with FP32 weights (tests, benchmarks): it flips the FP8 switch on and
+returns the factory.
 
 Only the forward needs the context: autograd runs each backward op in the dtype its forward op
 used, and non-reentrant activation checkpointing restores the forward's autocast state when it
@@ -30,7 +31,8 @@ recomputes.
 
 ``SavedActivations`` measures activation memory on any device: the bytes of the distinct
 storages that autograd saves for backward inside the context (via
-``torch.autograd.graph.saved_tensors_hooks``), parameters and buffers excluded. Unlike the
+``torch.autograd.graph.saved_tensors_hooks``), parameters, buffers and the FP32 copies of BF16
+weights that model.mixed.weight makes for CPU compute excluded. Unlike the
 process RSS peak (``ru_maxrss``, monotonic and including the Python heap) it isolates what
 activation recomputation saves: tensors saved inside a checkpointed region never reach the
 outer hook (the checkpoint keeps only its inputs, which are counted).
@@ -45,38 +47,46 @@ import torch
 from torch import nn
 
 from model.config import PRECISIONS, ConfigError
+from model.mixed import Numerics, is_weight_copy, numerics_for
 from model.transformer import enable_fp8
 
-__all__ = ["PRECISIONS", "LiveSavedActivations", "SavedActivations", "apply_precision", "check_precision", "saved_activation_bytes"]
+__all__ = ["PRECISIONS", "LiveSavedActivations", "Numerics", "SavedActivations", "apply_precision", "autocast_for",
+           "check_precision", "numerics_for", "saved_activation_bytes"]
 
 AutocastFactory = Callable[[], ContextManager]
 
 
 def check_precision(precision: str, device: Union[torch.device, str]) -> None:
-    """Named errors for a precision this device cannot run (no side effects; call it early)."""
+    """Named error for an unknown precision (no side effects; call it early). Every precision runs
+    on CPU and CUDA (bf16 on CPU: BF16 storage, fp32 compute)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision: expected fp32|bf16|fp8, got {precision!r}")
-    if precision == "bf16" and torch.device(device).type != "cuda":
-        raise ConfigError("precision=bf16: CPU runs are fp32; bf16 is for CUDA")
 
 
-def apply_precision(model: nn.Module, precision: str, device: Union[torch.device, str]) -> AutocastFactory:
-    """Prepare ``model`` for ``precision`` on ``device``; return the forward's context factory.
+def autocast_for(precision: str, device: Union[torch.device, str]) -> AutocastFactory:
+    """The forward's context factory: bf16 autocast on CUDA under bf16/fp8, else a null context.
 
     Usage::
 
-        autocast = apply_precision(model, cfg.precision, device)
+        model = DeepSeekV3(cfg, numerics=numerics_for(cfg.precision))
+        autocast = autocast_for(cfg.precision, device)
         with autocast():
             out = model(tokens, labels)
         out.loss.backward()
     """
     check_precision(precision, device)
-    device = torch.device(device)
-    if precision == "fp8":
-        enable_fp8(model)
-    if device.type == "cuda" and precision in ("bf16", "fp8"):
+    if torch.device(device).type == "cuda" and precision in ("bf16", "fp8"):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def apply_precision(model: nn.Module, precision: str, device: Union[torch.device, str]) -> AutocastFactory:
+    """For a model built with FP32 weights: FP8 projections under fp8 (FP32 storage kept), and the
+    forward's context factory. The trainer builds with ``numerics_for(precision)`` instead."""
+    check_precision(precision, device)
+    if precision == "fp8":
+        enable_fp8(model)
+    return autocast_for(precision, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +118,7 @@ class SavedActivations:
         self._hooks = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        if t.layout == torch.strided and not t.is_meta:
+        if t.layout == torch.strided and not t.is_meta and not is_weight_copy(t):
             key, nbytes = _storage_key(t)
             if key not in self._excluded and nbytes > 0:
                 self._seen[key] = max(nbytes, self._seen.get(key, 0))
@@ -189,7 +199,7 @@ class LiveSavedActivations:
             self.peak = self._live
 
     def _pack(self, t: torch.Tensor):
-        if t.layout != torch.strided or t.is_meta:
+        if t.layout != torch.strided or t.is_meta or is_weight_copy(t):
             return t
         key, nbytes = _storage_key(t)
         if key in self._excluded or nbytes == 0:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from model.moe import Experts
+from parallel.grads import grad_of
 from trainer.checkpoint import tensor_items
 
 ON_NONFINITE = ("skip", "stop")
@@ -39,7 +40,8 @@ def local_nonfinite(loss_values: list[float], named_params) -> bool:
     """True when this rank's loss or any of its gradients holds a NaN or an Inf."""
     if not all(math.isfinite(v) for v in loss_values):
         return True
-    return any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for _, p in named_params)
+    grads = (grad_of(p) for _, p in named_params)
+    return any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
 
 
 def agree(local_bad: bool, preempt: bool, rank: int, world_size: int) -> StepVerdict:
@@ -57,9 +59,10 @@ def first_nonfinite_name(named_params, modules: dict[str, torch.nn.Module]) -> s
     """Global name of this rank's first parameter whose gradient is not finite; a routed expert is
     named by its global expert id (`layers.3.ffn.experts.w1.7`), as in the checkpoint."""
     for name, p in named_params:
-        if p.grad is None or bool(torch.isfinite(p.grad).all()):
+        grad = grad_of(p)
+        if grad is None or bool(torch.isfinite(grad).all()):
             continue
-        for key, g in tensor_items({name: p.grad}, modules).items():
+        for key, g in tensor_items({name: grad}, modules).items():
             if not bool(torch.isfinite(g).all()):
                 return key
     return "(none: the loss is not finite)"
@@ -85,9 +88,9 @@ def gather_names(name: str, world_size: int) -> dict[int, str]:
 def inject_nonfinite(named_params, modules: dict[str, torch.nn.Module]) -> str:
     """debug.inject_nonfinite_at_step: a NaN in one gradient of this rank, preferably a routed
     expert's (to exercise global expert naming). Returns the global name it expects to be reported."""
-    grads = [(n, p) for n, p in named_params if p.grad is not None]
+    grads = [(n, p) for n, p in named_params if grad_of(p) is not None]
     experts = [(n, p) for n, p in grads if isinstance(modules.get(n.rsplit(".", 1)[0]), Experts)]
     name, p = (experts or grads)[0]
-    target = p.grad[0] if experts else p.grad
+    target = grad_of(p)[0] if experts else grad_of(p)
     target[(0,) * target.dim()] = float("nan")
     return f"{name}.{modules[name.rsplit('.', 1)[0]].first_expert}" if experts else name

@@ -34,7 +34,7 @@ from trainer.data import TokenDataset
 from trainer.ema import CPUEMA
 from trainer.local_engine import LocalEngine
 from trainer.schedules import Schedules
-from trainer.precision import LiveSavedActivations, apply_precision, check_precision, metered
+from trainer.precision import LiveSavedActivations, Numerics, autocast_for, check_precision, metered, numerics_for
 from trainer.validation import validate_config
 from trainer.preemption import PreemptionFlag, Preempted, parse_signals
 from trainer.faults import FaultPlan
@@ -134,10 +134,11 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
 
 
 def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: str = "flat", wire: Wire = FP32,
-                  device=None, recompute: str = "none") -> list[DeepSeekV3]:
+                  device=None, recompute: str = "none", numerics: Numerics = Numerics()) -> list[DeepSeekV3]:
     """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
-    experts and their dispatcher(s), the node count and the recompute mode; uninitialised, on
-    `device` (None: the default; the dry run builds on "meta")."""
+    experts and their dispatcher(s), the node count, the recompute mode and the numerics (weight
+    dtype, FP8 switch: trainer.precision.numerics_for); uninitialised, on `device` (None: the
+    default; the dry run builds on "meta")."""
     n_experts = mcfg.n_routed_experts
     experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
     # every expert in process, rounded as the configured EP layout would send it
@@ -149,11 +150,12 @@ def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: 
         else:
             dispatcher = local
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, recompute=recompute, init_seed=None)]  # initialised by the caller
+            return [DeepSeekV3(mcfg, experts=experts, dispatcher=dispatcher, recompute=recompute, init_seed=None,
+                               numerics=numerics)]  # initialised by the caller
     n_chunks = len(schedule.placement[topo.pp_rank])
     dispatchers = stage_dispatchers(topo, n_chunks, n_experts, mode, wire) or [local] * n_chunks
     return build_stage_modules(mcfg, schedule, topo.pp_rank, split=split, device=device, experts=experts,
-                               dispatchers=dispatchers, recompute=recompute)
+                               dispatchers=dispatchers, recompute=recompute, numerics=numerics)
 
 
 class Trainer:
@@ -201,12 +203,11 @@ class Trainer:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
         modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode,
-                                self.wire, recompute=cfg.train.recompute)
-        autocast = None
+                                self.wire, recompute=cfg.train.recompute, numerics=numerics_for(cfg.precision))
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)
-            autocast = apply_precision(m, cfg.precision, self.device)
+        autocast = autocast_for(cfg.precision, self.device)
         # the step engine enters the precision's autocast around every forward (one owner for
         # every layout; the pipeline runtime must enter it in the thread that runs each forward)
         self.activations = LiveSavedActivations(exclude=modules)  # saved_activation_bytes
@@ -260,11 +261,14 @@ class Trainer:
 
     def _identity(self) -> dict:
         """What a checkpoint of this run holds (saved in meta.json, compared on resume): the model
-        config, the global parameter inventory and the data fingerprint."""
+        config, the global parameter inventory, the weights' storage (FP32, or BF16 with FP32
+        master ranges: a BF16 run needs the masters, so it refuses an FP32 checkpoint with a named
+        error, and an FP32 run a BF16 one) and the data fingerprint."""
         with torch.device("meta"):  # names and shapes only: nothing allocated or initialised
             whole = DeepSeekV3(self.model_cfg)
         return {"model": self.model_cfg.to_dict(),
                 "params": ckpt.inventory(ckpt.model_state(whole)),
+                "weights": {"storage": ckpt.weight_storage(numerics_for(self.cfg.precision).param_dtype)},
                 "data": {**self.data.fingerprint(), "data.seed": int(self.cfg.data.seed)}}
 
     def _resume_identity(self) -> dict:

@@ -47,6 +47,7 @@ from torch import nn
 from model import DeepSeekV3
 from parallel.step_engine import StageEngine, StepLosses
 from parallel.dispatch import global_expert_load
+from model.mixed import COMPUTE_DTYPE, is_low_precision
 from parallel.grads import global_grad_norm, sum_over_stage_pair
 
 from .evaluation import ForwardOnly
@@ -95,7 +96,8 @@ class PipelineEngine(StageEngine):
         self.actions = schedule.actions[self.pp_rank]
         self.stages = [schedule.stage_of(self.pp_rank, c) for c in range(len(self.modules))]
         p0 = next(self.modules[0].parameters())
-        self.device, self.dtype = p0.device, p0.dtype
+        # activations and their grads travel in the compute dtype (fp32 under BF16 weights too)
+        self.device, self.dtype = p0.device, (COMPUTE_DTYPE if is_low_precision(p0) else p0.dtype)
         self.fb_pairs = FBPairs(self.modules, overlap, self.device.type)
         self.timeline = timeline or Timeline(rank=getattr(topo, "rank", self.pp_rank), enabled=False,
                                              label=self._label())
@@ -303,7 +305,7 @@ class PipelineEngine(StageEngine):
         t0 = time.perf_counter()
         grad = self._io.recv(recvs[0]) if recvs else None
         if grad is not None and grad.dtype != slot.out.dtype:
-            grad = grad.to(slot.out.dtype)  # p2p buffers carry the parameter dtype
+            grad = grad.to(slot.out.dtype)  # p2p buffers carry the compute dtype (self.dtype)
         t1, c1 = time.perf_counter(), time.thread_time()
         if a.full:
             torch.autograd.backward([slot.out], [grad] if grad is not None else None)

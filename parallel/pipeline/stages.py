@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 
 from model.config import ConfigError, ModelConfig
+from model.mixed import Numerics
 from model.moe import ExpertPlacement
 from model.transformer import DeepSeekV3
 from model.wire import FP32, Wire
@@ -78,11 +79,13 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
                         split: Optional[Sequence[Sequence[int]]] = None,
                         device: Optional[torch.device] = None, *,
                         experts: ExpertPlacement = ExpertPlacement(),
-                        dispatchers: Optional[Sequence] = None, recompute: str = "none") -> list[DeepSeekV3]:
+                        dispatchers: Optional[Sequence] = None, recompute: str = "none",
+                        numerics: Numerics = Numerics()) -> list[DeepSeekV3]:
     """One DeepSeekV3 per chunk of ``pp_rank`` (index = chunk), each holding only its stage.
 
     ``experts``: this rank's expert placement; ``dispatchers``: one per chunk
-    (``stage_dispatchers``), None = in-process experts; ``recompute``: train.recompute.
+    (``stage_dispatchers``), None = in-process experts; ``recompute``: train.recompute;
+    ``numerics``: weight storage dtype and FP8 switch (model/mixed.py).
 
     Modules on the same rank that both need an embedding share ONE ``nn.Embedding`` object.
     Parameters are uninitialised: call ``init_weights(seed)`` on every module (it seeds by global
@@ -97,7 +100,7 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
         with torch.device(device) if device is not None else _nullcontext():
             m = DeepSeekV3(cfg, layer_ids=split[stage], has_embed=stage == 0, has_head=stage == n_stages - 1,
                            experts=experts, dispatcher=dispatchers[c] if dispatchers else None,
-                           recompute=recompute, init_seed=None)  # the trainer initialises every module after building
+                           recompute=recompute, init_seed=None, numerics=numerics)  # the trainer initialises every module after building
         m.pipeline_stage = stage
         modules.append(m)
     shared = next((m.embed for m in modules if m.embed is not None), None)

@@ -14,6 +14,9 @@ toy model (dim 256, 2 MoE layers, 4x128 tokens, 1 thread): full B 52 ms, Bi 34 +
 pipeline benchmark Bi + W - B(full) is 3-15 ms per micro-batch. Memory: the graph and the
 captured grads (one per Linear output) stay alive from B until W, like the reference
 WeightGradStore. Works with activation recompute (train.recompute) and simulated FP8 (tested).
+BF16 parameters (model/mixed.py): the boundary is the GEMM after the upcast node, whose backward
+(run by W's ``autograd.grad`` on its way to the parameter) adds the fp32 weight grad into
+``main_grad`` and hands ``autograd.grad`` a None, so the ``.grad`` updates below skip them.
 """
 from __future__ import annotations
 
