@@ -5,15 +5,16 @@ optimizer (DeepSpeedZeroOptimizer) on the same model, data and DP size, in the s
 
 Each rank builds the model (seeded by global name: identical replicas), then
 1. ours: forward/backward, gradients averaged over DP (gloo all-reduce, as parallel/grads.py does),
-   ShardedAdamW.step(); bytes = state_bytes() (its range of the moments and step counters; with FP32
+   clipped to the global norm --clip, ShardedAdamW.step(); bytes = state_bytes() (its range of the moments and step counters; with FP32
    weights the parameter is the master copy);
 2. DeepSpeed (the peer): a fresh copy of the same initial weights, deepspeed.initialize(...,
-   zero_optimization.stage=1) with torch.optim.AdamW (same hyper-parameters), engine.backward,
+   zero_optimization.stage=1, gradient_clipping=--clip) with torch.optim.AdamW (same
+   hyper-parameters), engine.backward,
    engine.step(); bytes = its FP32 master partition (single_partition_of_fp32_groups) + the moments
    and step of the wrapped AdamW, i.e. what it holds for the optimizer; its flat gradient partition
    and bucket buffers are reported apart.
-Both runs see the same micro-batch; the max |Δ| of the updated weights shows the peer computed the
-same update. Per rank: ``key=value`` lines; rank 0 prints the ratios. RSS high-water marks are
+Both runs see the same micro-batch; the max |Δ| of the updated weights and the ratio of the first
+moments' norms show the peer computed the same update. Per rank: ``key=value`` lines; rank 0 prints the ratios. RSS high-water marks are
 process-wide (both optimizers in one process) and are printed as the delta each phase added.
 
 CPU needs DS_ACCELERATOR=cpu (set here) and gloo. DeepSpeed's TorchBackend JIT-builds its optional
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip, both optimizers")
     ap.add_argument("--hang_s", type=float, default=300.0, help="dump every thread's stack and exit after this")
     args = ap.parse_args()
     import faulthandler
@@ -95,6 +97,7 @@ def main() -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad /= world
+    torch.nn.utils.clip_grad_norm_(list(ours.parameters()), args.clip)  # every rank holds the full mean grads
     opt.step()
     ours_state = opt.state_bytes()
     ours_grad = opt.grad_bytes
@@ -120,6 +123,7 @@ def main() -> None:
     client_opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], foreach=False)
     config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+              "gradient_clipping": args.clip,
               "steps_per_print": 10**9, "wall_clock_breakdown": False}
     engine, ds_opt, _, _ = deepspeed.initialize(model=ref, optimizer=client_opt, config=config,
                                                 dist_init_required=False)
@@ -133,13 +137,21 @@ def main() -> None:
     ds_grad_part = _tensor_bytes(g.grad for g in ds_opt.single_partition_of_fp32_groups if g.grad is not None)
     rss_ds = _rss_peak() - rss1
     with torch.no_grad():
-        diff = max((p - engine.module.get_parameter(n)).abs().max().item() for n, p in ours.named_parameters())
+        diffs = {n: (p - engine.module.get_parameter(n)).abs().max().item() for n, p in ours.named_parameters()}
+        diff = max(diffs.values())
 
     print(f"rank{rank} params={n_params} dp={world} ours_optimizer_state_bytes={ours_state} "
           f"ours_grad_bytes={ours_grad} ours_rss_added_bytes={rss_ours} "
           f"deepspeed_optimizer_state_bytes={ds_state} (fp32_master_partition={master} moments_and_step={moments}) "
           f"deepspeed_grad_partition_bytes={ds_grad_part} deepspeed_rss_added_bytes={rss_ds} "
           f"max_abs_weight_diff_after_step={diff:.3e}", flush=True)
+    # same gradients? Σ over ranks of ‖exp_avg‖² (= (1-β1)²‖ḡ‖² after one step) from both optimizers
+    sq = torch.tensor([sum(float(sh.state["exp_avg"].float().pow(2).sum()) for sh in opt.shards()),
+                       sum(float(st["exp_avg"].float().pow(2).sum()) for st in ds_opt.optimizer.state.values())],
+                      dtype=torch.float64)
+    dist.all_reduce(sq)
+    if rank == 0:
+        print(f"first_moment_norm ours={sq[0].sqrt():.6e} deepspeed={sq[1].sqrt():.6e} ratio={(sq[1] / sq[0]).sqrt():.6f}")
     t = torch.tensor([ours_state, ds_state], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if rank == 0:
