@@ -53,6 +53,7 @@ class Shape:
     micro_batch: int = 1
     seq_len: int = 4096
     ep: int = 1
+    kernels: str = "paper"  # cuda only: paper (the target recipe) | runtime (this code's modules, bf16)
 
     @property
     def act(self) -> int:
@@ -178,10 +179,82 @@ def _head(it: _Items, cfg, rows: int, final: str) -> None:
     it.add("log-softmax of the logits (fp32), targets (int64)", F32 * rows * cfg.vocab_size + I64 * rows)
 
 
+# ------------------------------------------------------------------ the paper's kernels (CUDA target)
+def _paper_block(cfg, moe: bool, fp8: bool) -> List[Tuple[str, float, str, Optional[str]]]:
+    """(name, elements per token, act | gemm | f32, drop) of one layer under DeepSeek-V3's kernels."""
+    d, h = cfg.dim, cfg.n_heads
+    qk, nope, rope, v = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    up = "norm_and_up_proj"
+    items = [("block input x (attn_norm input)", d, "act", "always"),
+             ("attn_norm output (wq_a / wkv_a input)", d, "gemm", up)]
+    if cfg.q_lora_rank:
+        items += [("q latent (wq_a output, q_norm input)", cfg.q_lora_rank, "act", None),
+                  ("q_norm output (wq_b input)", cfg.q_lora_rank, "gemm", up)]
+    items += [
+        ("q with rope (attention input)", h * qk, "act", up),
+        ("kv latent + shared k_pe (wkv_a output)", cfg.kv_lora_rank + rope, "act", None),
+        ("kv_norm output (wkv_b input)", cfg.kv_lora_rank, "gemm", up),
+        ("k_nope, v (wkv_b output; v is an attention input)", h * (nope + v), "act", up),
+        ("k with shared rope (attention input)", h * qk, "act", up),
+        ("attention output (wo input)", h * v, "act", None),
+        ("softmax logsumexp", h, "f32", None),
+        ("residual after attention (ffn_norm input)", d, "act", None),
+        ("ffn_norm output (router / shared / dispatch input)", d, "gemm", up),
+    ]
+    if moe:
+        k, inter = cfg.n_activated_experts, cfg.moe_inter_dim
+        sh = cfg.n_shared_experts * inter
+        items += [("router scores (sigmoid output, fp32)", cfg.n_routed_experts, "f32", None),
+                  (f"dispatched tokens, {k} copies (expert w1/w3 input)", k * d, "gemm", None),
+                  ("expert w1/w3 outputs (SwiGLU input)", k * 2 * inter, "gemm", None)]
+        if not fp8:  # the paper's fp8 recipe recomputes the SwiGLU output, folds the gate into it
+            items += [("expert SwiGLU output (w2 input)", k * inter, "gemm", None),
+                      ("expert outputs kept by the combine (gate-weight grad)", k * d, "act", None)]
+        if sh:
+            items += [("shared expert w1/w3 outputs (SwiGLU input)", 2 * sh, "gemm", None)]
+            if not fp8:
+                items += [("shared expert SwiGLU output (w2 input)", sh, "gemm", None)]
+    else:
+        items += [("MLP w1/w3 outputs (SwiGLU input)", 2 * cfg.inter_dim, "gemm", None)]
+        if not fp8:
+            items += [("MLP SwiGLU output (w2 input)", cfg.inter_dim, "gemm", None)]
+    return items
+
+
+def _paper_items(cfg, kind: str, shape: Shape) -> List[ActItem]:
+    act = 4 if shape.precision == "fp32" else 2
+    gemm = {"fp32": 4.0, "bf16": 2.0, "fp8": 1 + 4 / 128}[shape.precision]
+    size = {"act": act, "gemm": gemm, "f32": 4.0}
+    d = cfg.dim
+    if kind in ("dense", "moe"):
+        rows = _paper_block(cfg, kind == "moe", shape.fp8)
+    elif kind == "mtp":
+        rows = ([("MTP enorm / hnorm inputs (embedding, h)", 2 * d, "act", None),
+                 ("MTP normalised concat (eh_proj input)", 2 * d, "gemm", "norm_and_up_proj")]
+                + [("MTP " + n, e, t, {"always": "full_only", None: "block"}.get(dr, dr))
+                   for n, e, t, dr in _paper_block(cfg, cfg.is_moe_layer(cfg.n_layers), shape.fp8)]
+                + [("MTP final norm input", d, "act", None), ("MTP final norm output (head input)", d, "act", "norm_and_up_proj")])
+    elif kind == "head":
+        depths = 1 + cfg.mtp_depth
+        rows = [("final norm input", d, "act", None), ("final norm output (head input)", d, "act", "norm_and_up_proj"),
+                (f"logits ×{depths} prediction depths (bf16 for cross-entropy)", depths * cfg.vocab_size, "act", None),
+                ("cross-entropy logsumexp", depths, "f32", None)]
+    else:
+        rows = []
+    tokens = shape.micro_batch * shape.seq_len
+    if kind in ("dense", "moe"):  # under full, a block keeps its input only
+        rows = [(n, e, t, dr or "block") for n, e, t, dr in rows]
+    return [ActItem(n, size[t] * e * tokens, dr) for n, e, t, dr in rows]
+
+
 def part_items(cfg, kind: str, shape: Shape) -> List[ActItem]:
-    """Every tensor one part (dense | moe | head | mtp | embed) keeps for backward, per micro-batch."""
+    """Every tensor one part (dense | moe | head | mtp | embed) keeps for backward, per micro-batch:
+    on CPU what this runtime's modules save; on CUDA what the paper's kernels keep (the planning
+    target for GPU clusters; see the module docstring)."""
     if shape.device not in DEVICES:
         raise ActivationError(f"plan.device: expected one of {DEVICES}, got {shape.device!r}")
+    if shape.device == "cuda" and shape.kernels == "paper":
+        return _paper_items(cfg, kind, shape)
     it = _Items(shape)
     b, seq = shape.micro_batch, shape.seq_len
     if kind in ("dense", "moe"):
@@ -210,6 +283,8 @@ def _kept(item: ActItem, recompute: str) -> bool:
     """Whether `recompute` keeps the item: full keeps a block's input only (and, for MTP, what
     surrounds its block); norm_and_up_proj keeps the up-projections' latents instead of the q/kv
     norms' tensors."""
+    if item.drop == "always":
+        return True
     if item.drop == "full_only":
         return recompute == "full"
     if item.drop == "recompute_only":

@@ -86,7 +86,7 @@ from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
-from parallel.activations import ActivationError, activation_table, part_saved_bytes  # torch-free
+from parallel.activations import DEVICES, ActivationError, activation_table, part_saved_bytes  # torch-free
 from parallel.partition import rank_elements, zero_partition  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
@@ -786,6 +786,8 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     cfg, lay = model_cfg, _as_layout(layout)
     if recipe.recompute not in RECOMPUTE_MODES:
         raise PlanError(f"train.recompute: expected one of {RECOMPUTE_MODES}, got {recipe.recompute!r}")
+    if recipe.device not in DEVICES:
+        raise PlanError(f"plan.device: expected one of {DEVICES}, got {recipe.device!r}")
     num = numerics(recipe.precision)
     if not 0 < fraction <= 1:
         raise PlanError(f"plan.achievable_fraction must be in (0, 1], got {fraction}")

@@ -142,6 +142,9 @@ class PlanConfig:
     precision: str = ""  # fp32 | bf16 | fp8 (fp8 = the paper's recipe: FP8 GEMMs and activation caching)
     recompute: str = ""  # none | norm_and_up_proj | full
     zero: bool = True  # ZeRO-1: optimizer states sharded over DP (non-expert) / expert-DP (experts)
+    # activations: cuda = the paper's kernels (the GPU target); cpu = what this runtime's modules save
+    # on CPU (fp32 compute, SDPA math path), the figure a CPU run's saved_activation_bytes matches
+    device: str = "cuda"
     sensitivity: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])  # achievable fractions
 
 

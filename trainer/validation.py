@@ -285,6 +285,7 @@ RULES: dict[str, Rule] = {
     "plan.precision": one_of("", *PRECISIONS),
     "plan.recompute": one_of("", *RECOMPUTE),
     "plan.zero": TYPED,
+    "plan.device": one_of("cuda", "cpu"),
     "plan.sensitivity": Rule(_fractions, ([0.5, 2.0],)),
     # launch.*
     "launch.nproc_per_node": at_least(1, 0),
