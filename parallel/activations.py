@@ -1,23 +1,29 @@
 """What autograd keeps for backward, per model part and micro-batch: the planner's activation model
-(no torch import). It lists the tensors the runtime's modules save (model/*.py, the dispatchers in
-model/moe.py and parallel/dispatch.py), one item per storage, from the model's shapes, so that the
-planned ``saved_activation_bytes`` of a rank is what the trainer's saved-tensor meter
-(trainer/precision.LiveSavedActivations) measures; tests/test_plan_vs_run_activations.py compares
-them on real runs. A storage saved by several ops (a norm output read by two fp32 GEMMs) counts once.
+(torch-free). Two lists:
 
-Shape: ``micro_batch`` sequences of ``seq_len`` tokens (an MTP depth k runs on seq_len - k), routed
-experts of one EP rank receive micro_batch·seq_len·k rows on average (uniform routing: the real
-count follows the router, so EP ranks differ by their load imbalance).
+* ``device="cpu"`` — THIS runtime: one item per storage the modules save (model/*.py, the
+  dispatchers in model/moe.py and parallel/dispatch.py), from the model's shapes, so that a rank's
+  planned ``saved_activation_bytes`` is what the trainer's saved-tensor meter
+  (trainer/precision.LiveSavedActivations) measures; tests/test_plan_vs_run_activations.py compares
+  them on real runs (within 5%; the rest is routing). A storage saved by several ops counts once.
+* ``device="cuda"`` — the paper's kernels (§3.3, the GPU planning target): fused RMSNorm and
+  attention, GEMM inputs cached in FP8 under fp8, SwiGLU outputs recomputed and the gate weight
+  folded into the SwiGLU (the combine keeps no expert outputs). The current modules do not do
+  that; ``Shape(device="cuda", kernels="runtime")`` gives this runtime's own list with BF16
+  activations (about 4.6× the paper's per MoE-layer token under fp8 + norm_and_up_proj on the
+  671B model — unmeasured: no GPU here).
 
-Numerics (``precision``, ``device``):
+Runtime list, shape: ``micro_batch`` sequences of ``seq_len`` tokens (an MTP depth runs on
+seq_len - 1), routed experts of one EP rank receive micro_batch·seq_len·k rows on average (uniform
+routing: the real count follows the router, so EP ranks differ by their load imbalance).
 * activation element (``act``): 4 bytes on CPU (every precision computes in fp32 there) and for
   fp32; 2 bytes (BF16 autocast) on CUDA under bf16 / fp8. Norm statistics, router scores, gate
   weights, log-softmax outputs: fp32. Indices: int64.
 * an FP8 linear (precision=fp8: attention projections, MLP / expert projections, MTP eh_proj) saves
   its input as the Wgrad operand only: E4M3 xᵀ [in, rows] (1 byte) and one fp32 scale per 128×1
-  tile, ``in · ⌈rows/128⌉`` scales per GEMM call (model/fp8.py ``fp8_saved_input_bytes``, the
-  function the FP8 linear's own test checks). Two FP8 linears reading one input (w1 and w3) each
-  save their copy.
+  tile, ``in · ⌈rows/128⌉`` scales per GEMM call (model/fp8.py ``fp8_saved_input_bytes``, which
+  tests/test_fp8_activations.py checks against the FP8 linear). Two FP8 linears reading one input
+  (w1 and w3, wq_a and wkv_a) each save their copy.
 * RMSNorm (model/layers.py, unfused) keeps its fp32 input, 1/rms and the normalised fp32 tensor;
   its output is saved by the GEMM that reads it.
 * attention core: on CPU ``scaled_dot_product_attention`` takes its math path (MLA's q/k and v

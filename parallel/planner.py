@@ -12,6 +12,7 @@ Entry points
 * ``rank_tensors`` / ``zero_state_elements`` the tensors a rank trains / its share of their AdamW state
 * ``optimizer_param_groups``, ``zero_partition`` the trainer's AdamW groups and ZeRO-1 partition
 * ``activation_table(cfg, ...)``             what one layer stores per token for its backward
+                                             (parallel/activations.py)
 * ``plan(cfg, layout, recipe, hw, ...)``     the whole plan: memory per rank, step time, validity
 
 Counting
@@ -46,14 +47,18 @@ predict_rank_bytes is exact per rank (tests/test_plan_vs_run.py compares it with
 plan() reports the fullest rank of each DP group (ceil(n / group) elements).
 The parameter EMA lives in CPU memory (not counted).
 
-Activations (``recompute``) — per token per layer, see ``activation_table`` for the list:
-none:             every tensor the modules keep for backward (fused kernels: a norm keeps its
-                  input, a GEMM its input, the attention core q, k, v, out and logsumexp).
+Activations (``recompute``): parallel/activations.py lists, per part and micro-batch, each tensor
+autograd keeps for backward. ``Recipe.device`` (``plan.device``) picks the list: cpu = what this
+runtime's modules save there (tests/test_plan_vs_run_activations.py: within 5% of real runs' saved-
+tensor meter); cuda = the paper's kernels (fused norms and attention, FP8-cached GEMM inputs, under
+fp8 SwiGLU outputs recomputed and the gate weight folded into the SwiGLU) — the GPU planning
+target, which the current modules do not implement (see parallel/activations.py). Per rank:
+``saved_activation_bytes`` = the held peak over its schedule (``peak_live_bytes``), plus one
+layer's recompute transient in the totals.
+none:             every tensor the modules keep for backward.
 norm_and_up_proj: the paper's recompute: RMSNorm outputs and the MLA up-projection outputs
                   (per-head q, k, v) are recomputed in backward from the kept latents.
 full:             only each block's input is kept; one block is rematerialised at a time.
-With fp8 also the paper's §3.3.2 storage: SwiGLU inputs cached in FP8, SwiGLU outputs
-recomputed, the gate weight folded into the SwiGLU (so the combine keeps no expert outputs).
 
 Time
 ----
