@@ -2,13 +2,16 @@
 
     python benchmarks/memory.py [--model toy] [--batch 4] [--seq 128] [--precision fp32|fp8]
 
+(run it once per precision: fp8 vs fp32 is the ratio of their saved_activation_bytes)
+
 Each mode runs in its own subprocess (ru_maxrss is a process-lifetime peak), on the model preset
 (configs/model/<model>.yaml; toy's vocabulary is the default tokenizer's 8192), one micro-batch of
 random tokens, init seed 0. Per mode it prints
 
 * ``saved_activation_bytes``: distinct storages autograd saved for backward during the forward
   (trainer.precision.SavedActivations; parameters/buffers excluded) — the honest "activation
-  memory" figure, independent of the Python heap and of the allocator;
+  memory" figure, independent of the Python heap and of the allocator — next to the planner's
+  figure for the same shape (parallel/activations.py, device=cpu);
 * ``rss_peak_bytes``: the subprocess's peak RSS (includes Python, torch, the model, gradients);
 * ``rss_step_bytes``: peak RSS minus the RSS just before the forward (model already built): what
   the forward+backward added to the process peak, allocator caching included;
@@ -69,7 +72,15 @@ def _measure(args) -> dict:
         out = model(tokens[:, :-1], tokens[:, 1:])
     out.loss.backward()
     dt = time.perf_counter() - t0
+    from parallel.activations import part_saved_bytes
+    from parallel.planner import param_inventory
+
+    inv = param_inventory(mcfg)
+    planned = sum(part_saved_bytes(mcfg, p.kind, args.precision, args.mode, micro_batch=args.batch,
+                                   seq_len=args.seq, device="cpu")[0]
+                  for p in [inv.embed, *inv.layers, inv.head, *inv.mtp])
     return {
+        "planned_saved_activation_bytes": int(round(planned)),
         "mode": args.mode,
         "vocab_size": mcfg.vocab_size,
         "loss": loss,
@@ -108,6 +119,8 @@ def main() -> None:
           f"precision={args.precision}")
     for mode, r in results.items():
         print(f"[{mode}] saved_activation_bytes={r['saved_activation_bytes']} "
+              f"planned={r['planned_saved_activation_bytes']} "
+              f"(ratio {r['saved_activation_bytes'] / r['planned_saved_activation_bytes']:.4f}) "
               f"({r['saved_activation_bytes'] / 2**20:.1f} MiB, {r['saved_tensors']} tensors) "
               f"rss_peak_bytes={r['rss_peak_bytes']} ({r['rss_peak_bytes'] / 2**20:.0f} MiB) "
               f"rss_step_bytes={r['rss_step_bytes']} ({r['rss_step_bytes'] / 2**20:.0f} MiB) "

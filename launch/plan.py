@@ -53,7 +53,7 @@ def _recipe(cfg: DictConfig):
                   zero=bool(pl.zero), seq_len=int(pl.seq_len or t.seq_len),
                   micro_batch=int(pl.micro_batch or t.micro_batch),
                   global_batch=int(pl.global_batch or t.global_batch),
-                  microbatches=int(t.get("microbatches", 0) or 0))
+                  microbatches=int(t.get("microbatches", 0) or 0), device=str(pl.device))
 
 
 def _hardware(cfg: DictConfig):

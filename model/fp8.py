@@ -37,7 +37,7 @@ Wgrad      dW[out,in]= dyᵀ · x           tokens T    dy and x: 128×1 tiles (
 As in the paper, activations are quantised 1×128 for the forward pass and 128×1 (along the token
 dimension, which is the inner dimension of the Wgrad GEMM) for the backward pass. The 128×1 copy
 of ``x`` is made in the forward pass and is what is saved for backward (FP8 + scales, ~¼ of the
-fp32 activation), as FP8 training recipes do; the weight is re-quantised in backward (it is the
+fp32 activation, without the tile padding: ``fp8_saved_input_bytes``), as FP8 training recipes do; the weight is re-quantised in backward (it is the
 parameter itself, so saving it costs nothing). The bias gradient is a plain fp32 sum.
 Master weights and gradients stay in their own dtype (fp32): the returned gradients have the
 dtype of the corresponding inputs; the output has the dtype of ``x``.
@@ -57,6 +57,7 @@ This module is pure PyTorch and never imports torch.distributed.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -75,6 +76,7 @@ __all__ = [
     "fp8_backend",
     "fp8_linear",
     "fp8_linear_prequantized",
+    "fp8_saved_input_bytes",
     "quantize_act",
     "quantize_weight",
     "set_fp8_backend",
@@ -341,15 +343,18 @@ class _FP8LinearFn(torch.autograd.Function):
         # Fprop: x 1×128 along `in`, W 128×128 blocks (or x's tiles as they came off the wire)
         xq, xs = _quantize_lastdim(x2, pow2_scales) if x_fp8 is None else _padded_tiles(*x_fp8)
         wq, ws = _quantize_blocks(weight, pow2_scales)  # [outP, inP], [outP/128, inP/128]
-        y = _gemm(xq, xs, wq, _block_to_row_scales(ws, wq.shape[0]))[:, :out_f]
+        y = _gemm(xq, xs, wq, _block_to_row_scales(ws, wq.shape[0]))
+        if y.shape[1] != out_f:  # drop the tile padding's storage too: a consumer may save y
+            y = y[:, :out_f].contiguous()
         if bias is not None:
             y = y + bias.float()
             ctx.bias_dtype = bias.dtype
 
         saved_xt = ()
         if ctx.needs_input_grad[1]:
-            # Wgrad operand: x quantised 128×1 (along tokens), i.e. 1×128 tiles of xᵀ [in, T]
-            saved_xt = _quantize_lastdim(x2.t(), pow2_scales)
+            # Wgrad operand: x quantised 128×1 (along tokens), i.e. 1×128 tiles of xᵀ [in, T],
+            # kept without the tile padding (re-padded in backward): fp8_saved_input_bytes
+            saved_xt = quantize_act(x2.t(), pow2_scales)
         ctx.save_for_backward(weight, *saved_xt)
         ctx.pow2_scales = pow2_scales
         ctx.x_shape = x.shape
@@ -378,7 +383,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Wgrad: dW[out, in] = dyᵀ[out, T] · x[T, in]; inner dim = tokens.
             # dy and x both quantised 128×1 (128 tokens × 1 channel) = 1×128 tiles of their transposes.
-            xtq, xts = saved_xt
+            xtq, xts = _padded_tiles(*saved_xt)
             dytq, dyts = _quantize_lastdim(dy2.t(), p2)  # [out, TP]
             dw = _gemm(dytq, dyts, xtq, xts).to(weight.dtype)
 
@@ -396,6 +401,16 @@ def _padded_tiles(q: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch
         qp[:, : q.shape[1]] = q.view(torch.uint8)
         q = qp.view(q.dtype)
     return q, s.float()
+
+
+def fp8_saved_input_bytes(rows: float, in_features: int) -> float:
+    """Bytes an FP8 linear keeps for backward of its input [rows, in_features]: the Wgrad operand
+    xᵀ in E4M3 (1 byte an element, no padding) and one fp32 scale per 128×1 tile (128 rows × 1
+    channel). Nothing else: no fp32/bf16 copy of the input (the weight it also saves is the
+    parameter itself). Plain arithmetic: the planner (parallel/activations.py) counts with it."""
+    if rows <= 0:
+        return 0.0
+    return rows * in_features + 4 * in_features * _ceil_div(math.ceil(rows), TILE)
 
 
 def fp8_linear_prequantized(x: torch.Tensor, x_fp8: Tuple[torch.Tensor, torch.Tensor],

@@ -12,6 +12,7 @@ Entry points
 * ``rank_tensors`` / ``zero_state_elements`` the tensors a rank trains / its share of their AdamW state
 * ``optimizer_param_groups``, ``zero_partition`` the trainer's AdamW groups and ZeRO-1 partition
 * ``activation_table(cfg, ...)``             what one layer stores per token for its backward
+                                             (parallel/activations.py)
 * ``plan(cfg, layout, recipe, hw, ...)``     the whole plan: memory per rank, step time, validity
 
 Counting
@@ -46,14 +47,18 @@ predict_rank_bytes is exact per rank (tests/test_plan_vs_run.py compares it with
 plan() reports the fullest rank of each DP group (ceil(n / group) elements).
 The parameter EMA lives in CPU memory (not counted).
 
-Activations (``recompute``) — per token per layer, see ``activation_table`` for the list:
-none:             every tensor the modules keep for backward (fused kernels: a norm keeps its
-                  input, a GEMM its input, the attention core q, k, v, out and logsumexp).
+Activations (``recompute``): parallel/activations.py lists, per part and micro-batch, each tensor
+autograd keeps for backward. ``Recipe.device`` (``plan.device``) picks the list: cpu = what this
+runtime's modules save there (tests/test_plan_vs_run_activations.py: within 5% of real runs' saved-
+tensor meter); cuda = the paper's kernels (fused norms and attention, FP8-cached GEMM inputs, under
+fp8 SwiGLU outputs recomputed and the gate weight folded into the SwiGLU) — the GPU planning
+target, which the current modules do not implement (see parallel/activations.py). Per rank:
+``saved_activation_bytes`` = the held peak over its schedule (``peak_live_bytes``), plus one
+layer's recompute transient in the totals.
+none:             every tensor the modules keep for backward.
 norm_and_up_proj: the paper's recompute: RMSNorm outputs and the MLA up-projection outputs
                   (per-head q, k, v) are recomputed in backward from the kept latents.
 full:             only each block's input is kept; one block is rematerialised at a time.
-With fp8 also the paper's §3.3.2 storage: SwiGLU inputs cached in FP8, SwiGLU outputs
-recomputed, the gate weight folded into the SwiGLU (so the combine keeps no expert outputs).
 
 Time
 ----
@@ -86,6 +91,7 @@ from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys
 from model.naming import is_expert_param  # torch-free
 from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
+from parallel.activations import DEVICES, ActivationError, activation_table, part_saved_bytes  # torch-free
 from parallel.partition import rank_elements, zero_partition  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
@@ -294,112 +300,20 @@ def _inventory(key: str) -> Inventory:
 
 
 # ----------------------------------------------------------------------------------- activations
-@dataclass(frozen=True)
-class ActItem:
-    name: str
-    elems: float  # elements per token
-    dtype: str  # act | gemm | f32
-    drop: Optional[str] = None  # norm | up_proj | fp8_recipe: when this recompute/recipe applies
-
-
-def _block_items(cfg, moe: bool) -> List[ActItem]:
-    d, h = cfg.dim, cfg.n_heads
-    qk, nope, rope, v = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    items = [ActItem("block input x (attn_norm input)", d, "act"),
-             ActItem("attn_norm output (wq_a / wkv_a input)", d, "gemm", "norm")]
-    if cfg.q_lora_rank:
-        items += [ActItem("q latent (wq_a output, q_norm input)", cfg.q_lora_rank, "act"),
-                  ActItem("q_norm output (wq_b input)", cfg.q_lora_rank, "gemm", "norm")]
-    items += [
-        ActItem("q with rope (attention input)", h * qk, "act", "up_proj"),
-        ActItem("kv latent + shared k_pe (wkv_a output)", cfg.kv_lora_rank + rope, "act"),
-        ActItem("kv_norm output (wkv_b input)", cfg.kv_lora_rank, "gemm", "norm"),
-        ActItem("k_nope, v (wkv_b output; v is an attention input)", h * (nope + v), "act", "up_proj"),
-        ActItem("k with shared rope (attention input)", h * qk, "act", "up_proj"),
-        ActItem("attention output (wo input)", h * v, "act"),
-        ActItem("softmax logsumexp", h, "f32"),
-        ActItem("residual after attention (ffn_norm input)", d, "act"),
-        ActItem("ffn_norm output (router / shared / dispatch input)", d, "gemm", "norm"),
-    ]
-    if moe:
-        k, inter = cfg.n_activated_experts, cfg.moe_inter_dim
-        sh = cfg.n_shared_experts * inter
-        items += [
-            ActItem("router scores (sigmoid output, fp32)", cfg.n_routed_experts, "f32"),
-            ActItem(f"dispatched tokens, {k} copies (expert w1/w3 input)", k * d, "gemm"),
-            ActItem("expert w1/w3 outputs (SwiGLU input)", k * 2 * inter, "gemm"),
-            ActItem("expert SwiGLU output (w2 input)", k * inter, "gemm", "fp8_recipe"),
-            ActItem("expert outputs kept by the combine (gate-weight grad)", k * d, "act", "fp8_recipe"),
-        ]
-        if sh:
-            items += [ActItem("shared expert w1/w3 outputs (SwiGLU input)", 2 * sh, "gemm"),
-                      ActItem("shared expert SwiGLU output (w2 input)", sh, "gemm", "fp8_recipe")]
-    else:
-        items += [ActItem("MLP w1/w3 outputs (SwiGLU input)", 2 * cfg.inter_dim, "gemm"),
-                  ActItem("MLP SwiGLU output (w2 input)", cfg.inter_dim, "gemm", "fp8_recipe")]
-    return items
-
-
-def _items(cfg, kind: str) -> List[ActItem]:
-    if kind in ("dense", "moe"):
-        return _block_items(cfg, kind == "moe")
-    if kind == "mtp":
-        d = cfg.dim
-        return ([ActItem("MTP enorm / hnorm inputs (embedding, h)", 2 * d, "act"),
-                 ActItem("MTP normalised concat (eh_proj input)", 2 * d, "gemm", "norm")]
-                + [ActItem("MTP " + i.name, i.elems, i.dtype, i.drop)
-                   for i in _block_items(cfg, cfg.is_moe_layer(cfg.n_layers))]
-                + [ActItem("MTP final norm input", d, "act"),
-                   ActItem("MTP final norm output (head input)", d, "act", "norm")])
-    if kind == "head":
-        d, depths = cfg.dim, 1 + cfg.mtp_depth
-        return [ActItem("final norm input", d, "act"),
-                ActItem("final norm output (head input)", d, "act", "norm"),
-                ActItem(f"logits ×{depths} prediction depths (bf16 for cross-entropy)", depths * cfg.vocab_size, "act"),
-                ActItem("cross-entropy logsumexp", depths, "f32")]
-    return []  # embedding: the token ids only
-
-
-def _item_bytes(item: ActItem, num: Numerics) -> float:
-    return {"act": num.act, "gemm": num.gemm_in, "f32": 4.0}[item.dtype] * item.elems
-
-
-def _kept(item: ActItem, recompute: str, precision: str) -> bool:
-    if item.drop == "fp8_recipe":
-        return precision != "fp8"
-    if item.drop in ("norm", "up_proj"):
-        return recompute == "none"
-    return True
-
-
-def part_activation_bytes(cfg, kind: str, precision: str, recompute: str) -> Tuple[float, float]:
-    """(bytes kept per token until backward, extra bytes per token rematerialised while this part's
-    backward runs) for one part under `recompute`."""
+# parallel/activations.py lists what the runtime keeps for backward (part_saved_bytes, per
+# micro-batch); the split's balance heuristic wants it per token.
+def part_activation_bytes(cfg, kind: str, precision: str, recompute: str, *, micro_batch: int = 1,
+                          seq_len: int = 4096, ep: int = 1, device: str = "cuda") -> Tuple[float, float]:
+    """part_saved_bytes per token: (kept until backward, rematerialised during this part's backward)."""
     if recompute not in RECOMPUTE_MODES:
         raise PlanError(f"train.recompute: expected one of {RECOMPUTE_MODES}, got {recompute!r}")
-    num = numerics(precision)
-    items = _items(cfg, kind)
-    every = sum(_item_bytes(i, num) for i in items if _kept(i, "none", precision))
-    if recompute == "full" and kind in ("dense", "moe", "mtp"):
-        # only the block input stays (plus, for MTP, what surrounds its block)
-        kept = sum(_item_bytes(i, num) for i in items
-                   if i.name in ("block input x (attn_norm input)", "MTP enorm / hnorm inputs (embedding, h)",
-                                 "MTP final norm input"))
-    else:
-        kept = sum(_item_bytes(i, num) for i in items if _kept(i, recompute, precision))
-    return kept, every - kept
-
-
-def activation_table(cfg, precision: str = "fp8") -> List[dict]:
-    """Per token per MoE / dense layer: every stored tensor with its bytes under each recompute mode."""
-    num = numerics(precision)
-    rows = []
-    for kind in ("dense", "moe"):
-        for it in _items(cfg, kind):
-            rows.append({"layer": kind, "tensor": it.name, "elements": it.elems,
-                         "bytes": _item_bytes(it, num),
-                         **{f"kept_{m}": _kept(it, m, precision) for m in ("none", "norm_and_up_proj")}})
-    return rows
+    try:
+        kept, transient = part_saved_bytes(cfg, kind, precision, recompute, micro_batch=micro_batch,
+                                           seq_len=seq_len, ep=ep, device=device)
+    except ActivationError as err:
+        raise PlanError(str(err)) from None
+    tokens = micro_batch * seq_len
+    return kept / tokens, transient / tokens
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -744,6 +658,7 @@ class Recipe:
     micro_batch: int = 1  # sequences per micro-batch
     global_batch: int = 15360  # sequences per step
     microbatches: int = 0  # per DP rank per step; 0 = global_batch / (dp · micro_batch)
+    device: str = "cuda"  # cuda | cpu: how the runtime stores activations there (parallel/activations.py)
 
     def n_micro(self, dp: int) -> int:
         return self.microbatches or self.global_batch // max(dp * self.micro_batch, 1)
@@ -837,29 +752,32 @@ def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[
 
 
 def stage_activation_bytes(cfg, stages: Sequence[Sequence[Part]], precision: str, recompute: str,
-                           tokens_mb: int) -> Tuple[List[float], List[float]]:
-    """Per stage: (activation bytes one micro-batch of `tokens_mb` tokens leaves saved for backward,
-    the largest one-layer transient of the backward's recompute)."""
+                           micro_batch: int, seq_len: int, ep: int = 1,
+                           device: str = "cuda") -> Tuple[List[float], List[float]]:
+    """Per stage: (activation bytes one micro-batch of `micro_batch` × `seq_len` tokens leaves saved
+    for backward, the largest one-layer transient of the backward's recompute)."""
     kept, transient = [], []
     for parts in stages:
         k = t = 0.0
         for p in parts:
-            k_, t_ = part_activation_bytes(cfg, p.kind, precision, recompute)
-            k += k_ * tokens_mb
-            t = max(t, t_ * tokens_mb)
+            k_, t_ = part_saved_bytes(cfg, p.kind, precision, recompute, micro_batch=micro_batch,
+                                      seq_len=seq_len, ep=ep, device=device)
+            k += k_
+            t = max(t, t_)
         kept.append(k)
         transient.append(t)
     return kept, transient
 
 
 def rank_activation_bytes(cfg, split: Sequence[Sequence[int]], schedule, pp_rank: int, precision: str,
-                          recompute: str, tokens_mb: int) -> Tuple[float, List[int]]:
+                          recompute: str, micro_batch: int, seq_len: int, ep: int = 1,
+                          device: str = "cuda") -> Tuple[float, List[int]]:
     """Peak activation bytes of pipeline rank `pp_rank` running `schedule` with the layer `split`
     (the runtime's): saved activations of its in-flight micro-batches at their peak plus one
     layer's recompute transient; and the live micro-batches per chunk at that peak. The trainer's
     dry run and plan() both count with it."""
     stages = stage_parts(cfg, [len(x) for x in split])
-    kept, transient = stage_activation_bytes(cfg, stages, precision, recompute, tokens_mb)
+    kept, transient = stage_activation_bytes(cfg, stages, precision, recompute, micro_batch, seq_len, ep, device)
     held = schedule.placement[pp_rank]
     live_bytes, live = peak_live_bytes(schedule.actions[pp_rank], [kept[s] for s in held])
     return live_bytes + max(transient[s] for s in held), live
@@ -873,6 +791,8 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     cfg, lay = model_cfg, _as_layout(layout)
     if recipe.recompute not in RECOMPUTE_MODES:
         raise PlanError(f"train.recompute: expected one of {RECOMPUTE_MODES}, got {recipe.recompute!r}")
+    if recipe.device not in DEVICES:
+        raise PlanError(f"plan.device: expected one of {DEVICES}, got {recipe.device!r}")
     num = numerics(recipe.precision)
     if not 0 < fraction <= 1:
         raise PlanError(f"plan.achievable_fraction must be in (0, 1], got {fraction}")
@@ -916,7 +836,8 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         reasons.append(f"{n_stages} pipeline stages for {cfg.n_layers} layers: a stage holds no layer")
 
     tokens_mb = recipe.micro_batch * recipe.seq_len
-    stage_act, stage_transient = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, tokens_mb)
+    shape = dict(micro_batch=recipe.micro_batch, seq_len=recipe.seq_len, ep=lay.ep, device=recipe.device)
+    stage_act, stage_transient = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, **shape)
 
     def live_for(rank: int, acts_per_stage: Sequence[float]) -> Tuple[float, List[int]]:
         if sched is not None:
@@ -937,10 +858,10 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
             for s, ps in enumerate(stages):
                 tot = 0.0
                 for p in ps:
-                    k_, t_ = part_activation_bytes(cfg, p.kind, recipe.precision, mode)
-                    tot += k_ * tokens_mb
+                    k_, t_ = part_saved_bytes(cfg, p.kind, recipe.precision, mode, **shape)
+                    tot += k_
                     if s in held:
-                        trans_m = max(trans_m, t_ * tokens_mb)
+                        trans_m = max(trans_m, t_)
                 per_stage.append(tot)
             alt[mode] = (live_for(r, per_stage)[0] + trans_m + rb["param_bytes"] + rb["grad_bytes"]
                          + rb["optimizer_state_bytes"]) / GB
@@ -950,7 +871,10 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
             "params_b": rb["param_count"] / 1e9,
             # bytes, as the trainer's metrics.jsonl names them (optimizer: the DP group's fullest rank)
             "param_bytes": rb["param_bytes"], "grad_bytes": rb["grad_bytes"],
-            "optimizer_state_bytes": rb["optimizer_state_bytes"], "saved_activation_bytes": int(act + transient),
+            "optimizer_state_bytes": rb["optimizer_state_bytes"],
+            # what autograd holds at the peak (the trainer's saved-tensor meter); the recompute's
+            # transient is rematerialised inside backward, counted in the totals only
+            "saved_activation_bytes": int(round(act)), "recompute_transient_bytes": int(round(transient)),
             "params_gb": rb["param_bytes"] / GB, "grads_gb": rb["grad_bytes"] / GB,
             "optimizer_gb": rb["optimizer_state_bytes"] / GB,
             "activations_gb": (act + transient) / GB, "live_microbatches": live,
@@ -1020,7 +944,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         "peak_memory_per_rank_gb": peak_rank["total_gb"], "peak_memory_rank": peak_rank["rank"],
         "per_rank": ranks,
         "activation_bytes_per_token": {
-            mode: {kind: part_activation_bytes(cfg, kind, recipe.precision, mode)[0]
+            mode: {kind: part_activation_bytes(cfg, kind, recipe.precision, mode, **shape)[0]
                    for kind in ("dense", "moe", "head", "mtp")} for mode in RECOMPUTE_MODES},
         "flops_per_token": flops_token,
     }

@@ -33,6 +33,10 @@ class ParallelConfig:
     layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
+    # How a pipeline FB pair runs its halves: auto (CPU: the forward in a second thread, CUDA:
+    # back to back) | thread | none (forward, then backward: the activation peak the plan counts,
+    # independent of thread timing). parallel/pipeline/runtime.py
+    fb_overlap: str = "auto"
 
 
 @dataclass
@@ -142,6 +146,9 @@ class PlanConfig:
     precision: str = ""  # fp32 | bf16 | fp8 (fp8 = the paper's recipe: FP8 GEMMs and activation caching)
     recompute: str = ""  # none | norm_and_up_proj | full
     zero: bool = True  # ZeRO-1: optimizer states sharded over DP (non-expert) / expert-DP (experts)
+    # activations: cuda = the paper's kernels (the GPU target); cpu = what this runtime's modules save
+    # on CPU (fp32 compute, SDPA math path), the figure a CPU run's saved_activation_bytes matches
+    device: str = "cuda"
     sensitivity: list = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6])  # achievable fractions
 
 

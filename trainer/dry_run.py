@@ -98,7 +98,7 @@ def rank_bytes(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int) 
         # checks it against saved tensors of real runs) for this rank's layers and schedule
         t = cfg.train
         activations = int(rank_activation_bytes(model_cfg, split, schedule, topo.pp_rank, cfg.precision,
-                                                t.recompute, t.micro_batch * t.seq_len)[0])
+                                                t.recompute, t.micro_batch, t.seq_len, cfg.parallel.ep)[0])
     return RankBytes(
         rank=rank, pp_rank=topo.pp_rank, dp_rank=topo.dp_rank, ep_rank=topo.ep_rank, stages=stages,
         layers=[len(m.layers) for m in modules],

@@ -104,7 +104,8 @@ class SavedActivations:
     saves its weight, RoPE saves a slice of the cos/sin buffer) and are not counted. Each
     storage is counted once, with its full size, however many views of it are saved.
 
-    After the ``with`` block: ``.bytes`` (total), ``.count`` (distinct storages).
+    After the ``with`` block: ``.bytes`` (total), ``.count`` (distinct storages),
+    ``.bytes_by_dtype()``.
     """
 
     def __init__(self, exclude: Optional[Union[nn.Module, Iterable[Union[nn.Module, torch.Tensor]]]] = None):
@@ -115,6 +116,7 @@ class SavedActivations:
         self._exclude_items = list(exclude)
         self._excluded: set = set()
         self._seen: dict = {}
+        self._dtypes: dict = {}
         self._hooks = None
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,7 @@ class SavedActivations:
             key, nbytes = _storage_key(t)
             if key not in self._excluded and nbytes > 0:
                 self._seen[key] = max(nbytes, self._seen.get(key, 0))
+                self._dtypes[key] = t.dtype
         return t
 
     @staticmethod
@@ -131,6 +134,7 @@ class SavedActivations:
     def __enter__(self) -> "SavedActivations":
         self._excluded.clear()
         self._seen.clear()
+        self._dtypes.clear()
         for item in self._exclude_items:
             tensors = [item] if isinstance(item, torch.Tensor) else [*item.parameters(), *item.buffers()]
             for t in tensors:
@@ -150,6 +154,13 @@ class SavedActivations:
     @property
     def count(self) -> int:
         return len(self._seen)
+
+    def bytes_by_dtype(self) -> dict:
+        """{dtype: bytes} of the saved storages (a storage counts under the dtype it was saved as)."""
+        out: dict = {}
+        for key, n in self._seen.items():
+            out[self._dtypes[key]] = out.get(self._dtypes[key], 0) + n
+        return out
 
 
 def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor], backward: bool = True) -> int:

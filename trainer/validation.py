@@ -195,6 +195,7 @@ RULES: dict[str, Rule] = {
     "parallel.dp": at_least(0),
     "parallel.ep": at_least(1),
     "parallel.schedule": one_of(*SCHEDULES),
+    "parallel.fb_overlap": one_of("auto", "thread", "none"),
     "parallel.gpus_per_node": at_least(1),
     "parallel.expert_nodes": at_least(0),
     "parallel.layers_per_stage": Rule(_layers_per_stage, ([0, 3],)),
@@ -285,6 +286,7 @@ RULES: dict[str, Rule] = {
     "plan.precision": one_of("", *PRECISIONS),
     "plan.recompute": one_of("", *RECOMPUTE),
     "plan.zero": TYPED,
+    "plan.device": one_of("cuda", "cpu"),
     "plan.sensitivity": Rule(_fractions, ([0.5, 2.0],)),
     # launch.*
     "launch.nproc_per_node": at_least(1, 0),
