@@ -26,6 +26,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fak
 from model import ConfigError, ModelConfig, set_recompute
 from parallel.grads import count_bytes
 from parallel.pipeline import get_schedule, validate as validate_schedule
+from parallel.pipeline.stages import engine_named_parameters
 from parallel.planner import rank_activation_bytes
 from parallel.topology import Topology
 from parallel.zero import build_optimizer, moment_dtype_for
@@ -79,10 +80,7 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
         for m in modules:
             apply_precision(m, cfg.precision, "cpu")
             set_recompute(m, cfg.train.recompute)
-        named: dict = {}
-        for m in modules:  # as the engines list them: every parameter once (one shared embedding)
-            named.update(dict(m.named_parameters()))
-        named = sorted(named.items()) if schedule is not None else list(modules[0].named_parameters())
+        named = engine_named_parameters(modules, pipelined=schedule is not None)
         # this rank's ZeRO-1 states, allocated on the meta device with the parameters (no memory)
         optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero,
                                     moment_dtype=moment_dtype_for(cfg.optim.moment_dtype, cfg.precision))
