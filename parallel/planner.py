@@ -81,7 +81,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -440,15 +440,8 @@ class PlanLayout:
     layers_per_stage: Optional[Tuple[int, ...]] = None
 
     @property
-    def edp(self) -> int:
-        return max(self.dp // self.ep, 1)
-
-    @property
-    def n_nodes_ep(self) -> int:
-        return -(-self.ep // self.gpus_per_node)
-
-    @property
     def ranks(self):
+        """Rank arithmetic (coords, edp, n_nodes_ep) of the pp × dp ranks (EP groups must be whole)."""
         from parallel.topology import Layout  # torch-backed module
 
         return Layout(self.pp * self.dp, self.pp, self.dp, self.ep, self.gpus_per_node)
@@ -530,7 +523,7 @@ def _rank_bytes(cfg, lay: PlanLayout, counts: Sequence[int], rank: int, num: Num
     held = sum(p.numel() for _, p in named)
     expert = sum(p.numel() for n, p in named if is_expert_param(n))
     c = lay.ranks.coords(rank)
-    elems, pieces = rank_state_elements(named, lay.dp, lay.edp, c["dp_rank"], c["edp_rank"], zero)
+    elems, pieces = rank_state_elements(named, lay.dp, lay.ranks.edp, c["dp_rank"], c["edp_rank"], zero)
     return {
         "param_count": held, "dense_param_count": held - expert, "expert_param_count": expert,
         "param_tensors": len(named),
@@ -539,9 +532,6 @@ def _rank_bytes(cfg, lay: PlanLayout, counts: Sequence[int], rank: int, num: Num
         "optimizer_state_bytes": int(elems * num.optimizer) + (4 * pieces if count_step else 0),
         "optimizer_state_elems": elems, "optimizer_state_pieces": pieces,
     }
-
-
-MOMENT_BYTES = {"fp32": 8, "bf16": 4}  # exp_avg + exp_avg_sq per element
 
 
 def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str = "fp32",
@@ -557,12 +547,13 @@ def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str 
     fp32 = FP32 weights, no separate master; bf16/fp8 = BF16 weights + FP32 master), the moments
     `moment_dtype` (auto = the precision's: fp32 under fp32, bf16 otherwise).
     Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, stages, ...)."""
+    from parallel.zero import MOMENT_DTYPES, moment_dtype_for  # the optimizer's choice (torch-backed)
+
     lay = _as_layout(layout)
-    num = numerics(precision)
-    if moment_dtype != "auto":
-        if moment_dtype not in MOMENT_BYTES:
-            raise PlanError(f"optim.moment_dtype: expected auto|fp32|bf16, got {moment_dtype!r}")
-        num = Numerics(**{**asdict(num), "moments": MOMENT_BYTES[moment_dtype]})
+    if moment_dtype not in ("auto", *MOMENT_DTYPES):
+        raise PlanError(f"optim.moment_dtype: expected auto|{'|'.join(MOMENT_DTYPES)}, got {moment_dtype!r}")
+    # exp_avg + exp_avg_sq per element
+    num = replace(numerics(precision), moments=2 * moment_dtype_for(moment_dtype, precision).itemsize)
     counts, placement, _ = _stages_for(model_cfg, lay, precision, seq_len, recompute, n_microbatches)
     out = _rank_bytes(model_cfg, lay, counts, rank, num, zero, count_step)
     out["stages"] = list(placement[rank // lay.dp])
@@ -604,7 +595,7 @@ def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, precision: str
     from model.wire import resolve_wire  # torch-backed (the payload formats)
 
     d, k = cfg.dim, cfg.n_activated_experts
-    n_nodes = lay.n_nodes_ep
+    n_nodes = lay.ranks.n_nodes_ep
     g = min(lay.gpus_per_node, lay.ep)
     m = min(cfg.max_nodes_per_token or n_nodes, n_nodes)
     remote = m * (1 - 1 / n_nodes) if n_nodes > 1 else 0.0  # expected remote nodes per token
@@ -821,7 +812,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         for x in ranks:
             rb = x["_rb"]
             dpf = (lay.dp - 1) / lay.dp
-            edf = (lay.edp - 1) / lay.edp
+            edf = (lay.ranks.edp - 1) / lay.ranks.edp
             s_ = (rb["dense_param_count"] * dpf + rb["expert_param_count"] * edf) * (num.grad + num.weight)
             sync = max(sync, s_ / (hw.ib_gbps * GB))
             opt = max(opt, rb["optimizer_state_elems"] * (num.grad + 2 * num.optimizer + num.weight)
@@ -850,7 +841,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         **param_counts(cfg),
         "valid": not reasons, "reasons": reasons,
         "hardware": hw.name, "hbm_gb": hw.hbm_gb,
-        "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "edp": lay.edp, "world_size": lay.world_size,
+        "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "edp": lay.ranks.edp, "world_size": lay.world_size,
                    "gpus_per_node": lay.gpus_per_node, "schedule": lay.schedule, "n_stages": n_stages,
                    "layers_per_stage": counts},
         "recipe": asdict(recipe), "microbatches": n_micro, "tokens_per_step": tokens_step,

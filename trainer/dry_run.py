@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fake backend ("fake")
+# registers torch's "fake" backend (dist.Backend.FAKE): torch 2.13 has the backend name but no public
+# registration; the store is the public HashStore (the fake group never reads it)
+import torch.testing._internal.distributed.fake_pg  # noqa: F401
 
 from model import ConfigError, ModelConfig, set_recompute
 from parallel.grads import count_bytes
@@ -72,7 +74,7 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
     """(modules, named parameters, optimizer) of global `rank`, built as the trainer builds them,
     on the meta device, under a fake process group of the job's world size."""
     p = cfg.parallel
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+    dist.init_process_group(dist.Backend.FAKE, store=dist.HashStore(), rank=rank, world_size=layout.world_size)
     try:
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
