@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> int:
     if mode == "auto":
         mode = "full" if (lay.world_size > 1 or lay.pp > 1 or lay.ep > 1) else "model"
     if mode == "model":
-        c = planner.model_counts(model_cfg)
+        c = planner.param_counts(model_cfg)
         _emit(c, as_json, _counts_table(c))
         return 0
 

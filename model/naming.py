@@ -2,8 +2,9 @@
 
 Parameter names are layout-independent (see model/transformer.py), so one predicate on the name
 serves the model (FLOP counts), the trainer (optimizer groups, gradient reduction, grad norm) and
-the planner (which works on shapes, not modules). tests/test_model.py checks that it agrees with
-the module structure: a name matches exactly when the parameter belongs to an `Experts` module.
+the planner (which counts modules built on the meta device). tests/test_model.py checks that it
+agrees with the module structure: a name matches exactly when the parameter belongs to an
+`Experts` module.
 """
 from __future__ import annotations
 

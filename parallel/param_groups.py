@@ -12,7 +12,7 @@ def optimizer_param_groups(named_params: Sequence[Tuple[str, Any]], weight_decay
     groups)] with non-expert parameters first, then expert parameters (each part only if it has
     parameters); per part group 0 = matrices (dim >= 2, decayed) and then 1-D tensors (norm weights,
     biases: no decay), empty groups dropped, parameter order kept. Works on real parameters and on
-    anything with .dim() / .numel() (TensorSpec), so the trainer and the planner share it."""
+    meta-device ones (the planner, parallel/partition.rank_state_elements), so the trainer and the planner share it."""
     out = []
     for is_expert in (False, True):
         params = [(n, p) for n, p in named_params if is_expert_param(n) == is_expert]

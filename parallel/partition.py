@@ -13,7 +13,9 @@ their parameter's global name (trainer/checkpoint.py saves them as pieces that D
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
+
+from parallel.param_groups import optimizer_param_groups  # torch-free
 
 Piece = Tuple[int, int, int]  # (parameter index, first flat element, one past the last)
 
@@ -47,3 +49,22 @@ def rank_elements(numels: Sequence[int], group_size: int, rank: int) -> int:
     """Elements of optimizer state rank `rank` holds (sum of its pieces)."""
     lo, hi = shard_range(sum(int(n) for n in numels), group_size, rank)
     return hi - lo
+
+
+def rank_state_elements(named_params: Sequence[Tuple[str, Any]], dp: int, edp: int, dp_rank: int,
+                        edp_rank: int, zero: bool = True) -> Tuple[int, int]:
+    """(elements, pieces) of optimizer state a rank holds for `named_params` (what it trains, in
+    its engine's order) under parallel/zero.ShardedAdamW: per part of optimizer_param_groups
+    (non-expert over the DP group of `dp` ranks, expert over the expert-DP group of `edp`), the
+    part's parameters cut by zero_partition when zero, whole otherwise. A piece is one parameter's
+    range on this rank (it carries one AdamW step counter). Works on anything with .numel() and
+    .dim() (meta-device parameters: the planner)."""
+    elems = pieces = 0
+    for is_expert, groups in optimizer_param_groups(named_params, 0.0):
+        world, me = (edp, edp_rank) if is_expert else (dp, dp_rank)
+        if not zero or world <= 1:
+            world, me = 1, 0
+        mine = zero_partition([p.numel() for g in groups for p in g["params"]], world)[me]
+        elems += sum(b - a for _, a, b in mine)
+        pieces += len(mine)
+    return elems, pieces

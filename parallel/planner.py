@@ -1,22 +1,23 @@
-"""The planner's model of memory and time for a PP × DP (× EP inside DP) layout. Pure functions:
-parameter shapes come from the real modules built on the meta device (no storage), schedules and
-their timing from parallel/pipeline (the same action lists the runtime executes, replayed by the
-simulator), nothing here starts a process.
+"""The planner's model of memory and time for a PP × DP (× EP inside DP) layout. Pure functions
+that count with the runtime's own code: parameter and FLOP counts from model/flops.py (the model's
+parts built on the meta device), a rank's parameters from the modules training builds for it
+(parallel/pipeline/stages.py, on the meta device), the layer split training cuts
+(stages.split_layers, with split_layers here as its cost model), layout checks from
+parallel/topology.py, the ZeRO-1 share from parallel/partition.py, schedules and their timing
+from parallel/pipeline (the action lists the runtime executes, replayed by the simulator).
+Nothing here starts a process.
 
 Entry points
 ------------
-* ``param_inventory(cfg)``                   per-part parameter / FLOP counts from the modules
-* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank (the
-                                             runtime's split too: parallel/pipeline/stages.py)
+* ``split_layers(cfg, placement, ...)``      layers per pipeline stage, balanced per rank
 * ``predict_rank_bytes(cfg, layout, ...)``   parameter / gradient / optimizer bytes of one rank
-* ``rank_tensors`` / ``zero_state_elements`` the tensors a rank trains / its share of their AdamW state
-* ``optimizer_param_groups``, ``zero_partition`` the trainer's AdamW groups and ZeRO-1 partition
+* ``rank_parameters(cfg, layout, split, rank)`` the parameters a rank trains, in its engine's order
 * ``activation_table(cfg, ...)``             what one layer stores per token for its backward
                                              (parallel/activations.py)
 * ``plan(cfg, layout, recipe, hw, ...)``     the whole plan: memory per rank, step time, validity
 
-Counting
---------
+Counting (model/flops.count_params)
+-----------------------------------
 params_total: main model (embedding, 61 blocks, final norm, head), MTP excluded. params_activated:
 per token, every non-expert weight + shared experts + top-k/E of the routed experts, EXCLUDING
 the embedding table (a lookup: no FLOPs); the head counts. 671B config: 671.03B total, 36.63B
@@ -25,10 +26,11 @@ MTP parameters not shared with the main model (embedding and head are shared): 1
 
 Stages: stage 0 = embedding + first layers, last stage = last layers + final norm + head + MTP
 depths (DualPipe / DualPipeV rank 0 holds both, so MTP shares embedding and head physically).
-Layers per stage: ``split_layers`` here, which balances what a RANK runs (DualPipe: stage r +
-stage pp-1-r) and breaks ties by memory; parallel/pipeline/stages.split_layers cuts the runtime's
-stages with it, so the planner plans the split training builds. Under DualPipe rank r holds stages r and pp-1-r: its per-rank
-weights are both copies, its gradients are summed with the partner's before the DP reduction.
+Layers per stage: ``split_layers`` here balances what a RANK runs (DualPipe: stage r + stage
+pp-1-r) and breaks ties by memory; parallel/pipeline/stages.split_layers cuts the runtime's stages
+with it and the planner asks stages.split_layers, so it plans the split training builds. Under
+DualPipe rank r holds stages r and pp-1-r: its per-rank weights are both copies, its gradients
+are summed with the partner's before the DP reduction.
 
 Numerics (``precision``)
 ------------------------
@@ -41,10 +43,11 @@ bf16 / fp8: the DeepSeek-V3 recipe (§3.3): BF16 weights used by the kernels (2 
       embedding, head, router, norms and the attention core stay BF16.
 ZeRO-1: optimizer states of non-expert parameters sharded over DP, of expert parameters over
 expert-DP (dp/ep); weights and gradients are held whole. The share of a rank is
-parallel/partition.zero_partition, the function the trainer's optimizer (parallel/zero.py) runs:
-each part's parameters end to end, cut into equal ranges (within one element), so
-predict_rank_bytes is exact per rank (tests/test_plan_vs_run.py compares it with real runs) and
-plan() reports the fullest rank of each DP group (ceil(n / group) elements).
+parallel/partition.zero_partition, the function the trainer's optimizer (parallel/zero.py) runs
+(partition.rank_state_elements: over optimizer_param_groups, as ShardedAdamW groups them): each
+part's parameters end to end, cut into equal ranges (within one element), so predict_rank_bytes
+is exact per rank (tests/test_plan_vs_run.py compares it with real runs) and plan() reports the
+fullest rank of each DP group (its last: ceil(n / group) elements).
 The parameter EMA lives in CPU memory (not counted).
 
 Activations (``recompute``): parallel/activations.py lists, per part and micro-batch, each tensor
@@ -83,17 +86,18 @@ from __future__ import annotations
 import functools
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
 from model.naming import is_expert_param  # torch-free
-from parallel.param_groups import optimizer_param_groups  # torch-free
 from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
 from parallel.activations import DEVICES, ActivationError, activation_table, part_saved_bytes  # torch-free
-from parallel.partition import rank_elements, zero_partition  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
+
+if TYPE_CHECKING:
+    from model.flops import Part
 
 GB = 1e9  # decimal: memory in GB, bandwidths in GB/s
 HARDWARE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "hardware")
@@ -169,135 +173,26 @@ def numerics(precision: str) -> Numerics:
         raise PlanError(f"precision: expected one of {list(NUMERICS)}, got {precision!r}") from None
 
 
-# ----------------------------------------------------------------------------------- inventory
-@dataclass(frozen=True)
-class Part:
-    """One placeable piece of the model: a block, the embedding, the head (+final norm), an MTP
-    depth. Counts come from the real module's parameters; FLOPs are forward, per token."""
-
-    name: str
-    kind: str  # embed | dense | moe | head | mtp
-    dense_params: int  # non-expert parameters (replicated over DP)
-    expert_params: int  # routed-expert parameters, all experts (a rank holds 1/ep of them)
-    dense_tensors: int
-    expert_tensors: int
-    gemm_lp: float  # forward GEMM FLOPs/token eligible for FP8 (activated experts only)
-    gemm_hp: float  # forward GEMM FLOPs/token kept in BF16 (router, head)
-    attn_coef: float  # attention-core forward FLOPs/token = attn_coef · seq_len
-    up_proj: float  # forward FLOPs/token of the MLA up-projections (recomputed in backward)
-    n_moe: int  # MoE layers inside (all-to-all pairs per micro-batch)
-
-    @property
-    def params(self) -> int:
-        return self.dense_params + self.expert_params
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One parameter tensor of the full model (experts unsharded), in named_parameters() order."""
-
-    name: str
-    shape: Tuple[int, ...]
-    part: str  # the Part it belongs to: embed | layer.<i> | mtp.<k> | head
-
-    def numel(self) -> int:
-        n = 1
-        for x in self.shape:
-            n *= x
-        return n
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-
-@dataclass(frozen=True)
-class Inventory:
-    layers: Tuple[Part, ...]
-    embed: Part
-    head: Part
-    mtp: Tuple[Part, ...]
-    total: int  # main model (excl. MTP)
-    activated: int  # per token, excl. the embedding (a lookup, no FLOPs) — the paper's "37B"
-    activated_with_embedding: int
-    mtp_unique: int  # MTP parameters not shared with the main model
-    embedding: int
-    tensors: Tuple[TensorSpec, ...] = ()  # every parameter tensor, model.named_parameters() order
-
-
+# ----------------------------------------------------------------------------------- the model's parts
 def _cfg_key(cfg) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
 
 
-def param_inventory(cfg) -> Inventory:
-    return _inventory(_cfg_key(cfg))
+def _parts(cfg):
+    """The model's parts (embed, layer.<i>…, mtp.<k>…, head) with their parameter and FLOP counts:
+    model/flops.py, the trainer's count, from the modules built on the meta device."""
+    from model.flops import model_parts  # torch-backed, as every such import here
+
+    return model_parts(cfg)
 
 
-@functools.lru_cache(maxsize=16)
-def _inventory(key: str) -> Inventory:
-    import torch  # deferred, as every torch-backed import here: the planner itself needs no torch
+def param_counts(cfg) -> dict:
+    """model/flops.count_params under the run contract's keys."""
+    from model.flops import count_params
 
-    from model.transformer import DeepSeekV3
-
-    cfg = ModelConfig.from_dict(json.loads(key))
-    with torch.device("meta"):
-        model = DeepSeekV3(cfg)
-    frac = cfg.n_activated_experts / cfg.n_routed_experts
-    acc: Dict[str, dict] = {}
-
-    def slot(name: str) -> dict:
-        return acc.setdefault(name, dict(dp=0, ep=0, dt=0, et=0, lp=0.0, hp=0.0, up=0.0))
-
-    tensors: List[TensorSpec] = []
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        if parts[0] == "layers":
-            key_ = f"layer.{parts[1]}"
-        elif parts[0] == "mtp":
-            key_ = f"mtp.{parts[1]}"
-        elif parts[0] == "embed":
-            key_ = "embed"
-        else:  # final norm, head
-            key_ = "head"
-        s = slot(key_)
-        n = p.numel()
-        tensors.append(TensorSpec(name, tuple(p.shape), key_))
-        if is_expert_param(name):
-            s["ep"] += n
-            s["et"] += 1
-            s["lp"] += 2 * n * frac
-            continue
-        s["dp"] += n
-        s["dt"] += 1
-        if p.dim() < 2 or key_ == "embed":
-            continue  # norms (elementwise) and the embedding lookup
-        if name.endswith("gate.weight") or key_ == "head":
-            # router and head stay high precision; the head runs once per prediction depth
-            s["hp"] += 2 * n * (1 + cfg.mtp_depth if key_ == "head" else 1)
-        else:
-            s["lp"] += 2 * n
-        if name.endswith(("attn.wq_b.weight", "attn.wkv_b.weight")):
-            s["up"] += 2 * n
-
-    attn_coef = cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-
-    def part(name: str, kind: str, attn: bool, n_moe: int) -> Part:
-        s = acc.get(name) or slot(name)
-        return Part(name, kind, s["dp"], s["ep"], s["dt"], s["et"], s["lp"], s["hp"],
-                    attn_coef if attn else 0.0, s["up"], n_moe)
-
-    layers = tuple(part(f"layer.{i}", "moe" if cfg.is_moe_layer(i) else "dense", True,
-                        int(cfg.is_moe_layer(i))) for i in range(cfg.n_layers))
-    mtp = tuple(part(f"mtp.{k}", "mtp", True, int(cfg.is_moe_layer(cfg.n_layers + k)))
-                for k in range(cfg.mtp_depth))
-    embed, head = part("embed", "embed", False, 0), part("head", "head", False, 0)
-    total = embed.params + head.params + sum(p.params for p in layers)
-    routed = sum(p.expert_params for p in layers)
-    activated_emb = total - routed + round(routed * frac)
-    return Inventory(layers=layers, embed=embed, head=head, mtp=mtp, total=total,
-                     activated=activated_emb - embed.params, activated_with_embedding=activated_emb,
-                     mtp_unique=sum(p.params for p in mtp), embedding=embed.params,
-                     tensors=tuple(tensors))
-
+    c = count_params(cfg)
+    return {"params_total": c.total, "params_activated": c.activated - c.embedding,
+            "params_activated_with_embedding": c.activated, "params_mtp": c.mtp, "params_embedding": c.embedding}
 
 # ----------------------------------------------------------------------------------- activations
 # parallel/activations.py lists what the runtime keeps for backward (part_saved_bytes, per
@@ -317,15 +212,13 @@ def part_activation_bytes(cfg, kind: str, precision: str, recompute: str, *, mic
 
 
 # ----------------------------------------------------------------------------------- stages
-def schedule_placement(schedule: str, pp: int) -> Tuple[int, Tuple[Tuple[int, ...], ...]]:
-    """(n_stages, placement[rank] = stages) of a schedule, from its generator."""
+def _any_schedule(schedule: str, pp: int):
+    """The schedule at the smallest even micro-batch count >= 2·pp (its placement, any count)."""
     n = max(2 * pp, 2)
-    n += n % 2
-    s = get_schedule(schedule, pp, n)
-    return s.n_stages, s.placement
+    return get_schedule(schedule, pp, n + n % 2)
 
 
-def _part_cost(p: Part, seq: int, lp_speed: float) -> float:
+def _part_cost(p, seq: int, lp_speed: float) -> float:
     """Hardware-free forward cost proxy of a part (BF16-FLOP equivalents per token)."""
     return p.gemm_lp / lp_speed + p.gemm_hp + p.attn_coef * seq
 
@@ -351,26 +244,26 @@ def live_points(schedule) -> List[List[Tuple[int, ...]]]:
 
 def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precision: str = "fp8",
                  seq_len: Optional[int] = None, recompute: str = "none",
-                 live: Optional[Sequence[Sequence[Tuple[int, ...]]]] = None, ep: int = 1,
-                 min_end_layers: int = 1) -> List[int]:
-    """Layers per stage (contiguous, in order): first so that the heaviest rank — the sum of the
-    stages it holds (DualPipe pairs stage r with pp-1-r) — is as light as possible; among equally
-    fast splits the one whose fullest rank holds the fewest bytes (weights + gradients +
-    activations of the in-flight micro-batches, `live` = live_points(schedule)); then the most
-    even stages (smallest Σ stage cost²).
+                 live: Optional[Sequence[Sequence[Tuple[int, ...]]]] = None, ep: int = 1) -> List[int]:
+    """Layers per stage (contiguous, in order, >= 1 each; needs n_layers >= n_stages): first so
+    that the heaviest rank — the sum of the stages it holds (DualPipe pairs stage r with pp-1-r) —
+    is as light as possible; among equally fast splits the one whose fullest rank holds the fewest
+    bytes (weights + gradients + activations of the in-flight micro-batches, `live` =
+    live_points(schedule)); then the most even stages (smallest Σ stage cost²).
 
     Stage 0 also holds the embedding, the last stage the final norm, head and MTP depths (forward
-    cost proxy: FP8 GEMMs at half the BF16 cost under fp8). Every stage gets >= 1 layer when there
-    are enough layers (the end stages >= min_end_layers). Deterministic local search over
-    single-layer moves from an even start."""
-    inv = param_inventory(cfg)
+    cost proxy: FP8 GEMMs at half the BF16 cost under fp8). Deterministic local search over
+    single-layer moves from an even start. parallel/pipeline/stages.split_layers cuts the
+    runtime's stages with it."""
+    parts = _parts(cfg)
+    layers = [p for p in parts if p.name.startswith("layer.")]
     seq = seq_len or cfg.original_seq_len
     num = numerics(precision)
     lp = 2.0 if num.lp_gemms else 1.0
-    cost = [_part_cost(p, seq, lp) for p in inv.layers]
-    act = [part_activation_bytes(cfg, p.kind, precision, recompute)[0] * seq for p in inv.layers]
-    par = [(p.dense_params + p.expert_params / ep) * (num.weight + num.grad) for p in inv.layers]
-    ends = {"first": [inv.embed], "last": list(inv.mtp) + [inv.head]}
+    cost = [_part_cost(p, seq, lp) for p in layers]
+    act = [part_activation_bytes(cfg, p.kind, precision, recompute)[0] * seq for p in layers]
+    par = [(p.dense_params + p.expert_params / ep) * (num.weight + num.grad) for p in layers]
+    ends = {"first": [parts[0]], "last": [p for p in parts if p.kind in ("mtp", "head")]}
     end_cost = {k: sum(_part_cost(p, seq, lp) for p in v) for k, v in ends.items()}
     end_act = {k: sum(part_activation_bytes(cfg, p.kind, precision, recompute)[0] * seq for p in v)
                for k, v in ends.items()}
@@ -384,8 +277,6 @@ def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precisi
         return out
 
     pc, pa, pw = cum(cost), cum(act), cum(par)
-    # every stage gets a layer (end stages with only the embedding / head + MTP: min_end_layers=0)
-    minimum = [0 if L < S else min_end_layers if s in (0, S - 1) else 1 for s in range(S)]
     counts = [L // S + (1 if s < L % S else 0) for s in range(S)]
 
     def score(cnt: List[int]) -> Tuple[float, float, float]:
@@ -408,7 +299,7 @@ def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precisi
     while True:
         cand = None
         for a in range(S):
-            if counts[a] <= minimum[a]:
+            if counts[a] <= 1:
                 continue
             for b in range(S):
                 if a == b:
@@ -427,36 +318,20 @@ def split_layers(cfg, placement: Sequence[Sequence[int]], n_stages: int, precisi
         counts[b] += 1
 
 
-def stage_parts(cfg, counts: Sequence[int]) -> List[List[Part]]:
-    """The parts of every stage for `counts` layers per stage."""
-    inv = param_inventory(cfg)
-    if sum(counts) != len(inv.layers) or any(c < 0 for c in counts):
-        raise PlanError(f"parallel.layers_per_stage={list(counts)} must be >= 0 and sum to "
-                        f"model.n_layers={len(inv.layers)}")
+def stage_parts(cfg, counts: Sequence[int]) -> List[list]:
+    """The model's parts (model/flops.py) on every stage for `counts` layers per stage: stage 0
+    also the embedding, the last stage also the MTP depths and the head (+ final norm)."""
+    parts = _parts(cfg)
+    layers = [p for p in parts if p.name.startswith("layer.")]
     out, pos = [], 0
     for s, c in enumerate(counts):
-        parts = ([inv.embed] if s == 0 else []) + list(inv.layers[pos:pos + c])
-        if s == len(counts) - 1:
-            parts += list(inv.mtp) + [inv.head]
-        out.append(parts)
+        out.append(([parts[0]] if s == 0 else []) + layers[pos:pos + c]
+                   + ([p for p in parts if p.kind in ("mtp", "head")] if s == len(counts) - 1 else []))
         pos += c
     return out
 
 
-def _rank_parts(cfg, stages: List[List[Part]], held: Sequence[int]) -> List[Part]:
-    """Unique parts on a rank. The MTP depths need the embedding: a rank holding the last stage
-    holds it too, shared with stage 0's when both are on the rank (DualPipe / DualPipeV rank 0)."""
-    parts: Dict[str, Part] = {}
-    for s in held:
-        for p in stages[s]:
-            parts[p.name] = p
-    inv = param_inventory(cfg)
-    if inv.mtp and "head" in parts:
-        parts.setdefault("embed", inv.embed)
-    return list(parts.values())
-
-
-def _layer_range(parts: List[Part]) -> str:
+def _layer_range(parts: list) -> str:
     ids = [int(p.name.split(".")[1]) for p in parts if p.name.startswith("layer.")]
     extra = [p.name.split(".")[0] for p in parts if not p.name.startswith("layer.")]
     txt = f"{min(ids)}-{max(ids)}" if ids else "-"
@@ -467,6 +342,9 @@ def _layer_range(parts: List[Part]) -> str:
 # ----------------------------------------------------------------------------------- bytes per rank
 @dataclass(frozen=True)
 class PlanLayout:
+    """The layout being planned. Unlike parallel/topology.Layout it may be invalid (plan() lists
+    why) and carries the schedule and the stage split; `ranks` is its rank arithmetic."""
+
     pp: int = 1
     dp: int = 1
     ep: int = 1
@@ -476,12 +354,11 @@ class PlanLayout:
     layers_per_stage: Optional[Tuple[int, ...]] = None
 
     @property
-    def edp(self) -> int:
-        return max(self.dp // self.ep, 1)
+    def ranks(self):
+        """Rank arithmetic (coords, edp, n_nodes_ep) of the pp × dp ranks (EP groups must be whole)."""
+        from parallel.topology import Layout  # torch-backed module
 
-    @property
-    def n_nodes_ep(self) -> int:
-        return -(-self.ep // self.gpus_per_node)
+        return Layout(self.pp * self.dp, self.pp, self.dp, self.ep, self.gpus_per_node)
 
 
 def _as_layout(layout: Any) -> PlanLayout:
@@ -502,114 +379,73 @@ def _as_layout(layout: Any) -> PlanLayout:
 
 def _stages_for(cfg, lay: PlanLayout, precision: str, seq_len: Optional[int] = None,
                 recompute: str = "none", n_micro: int = 0):
-    """(layers per stage, placement, parts per stage): parallel.layers_per_stage, else the split
-    the runtime builds (parallel/pipeline/stages.split_layers, which cuts with split_layers here)
-    for the schedule at n_micro (an invalid n_micro → the smallest valid count)."""
+    """(layers per stage, placement, parts per stage) as training cuts them: parallel/pipeline/
+    stages.split_layers (parallel.layers_per_stage checked, else the cost-balanced split) for the
+    schedule at n_micro (an invalid n_micro → the smallest valid count)."""
     from parallel.pipeline.stages import split_layers as runtime_split  # torch-backed (the model)
 
-    n_stages, placement = schedule_placement(lay.schedule, lay.pp)
-    if lay.layers_per_stage:
-        counts = list(lay.layers_per_stage)
-    else:
-        try:
-            sched = get_schedule(lay.schedule, lay.pp, n_micro)
-        except ScheduleError:
-            sched = get_schedule(lay.schedule, lay.pp, 2 * lay.pp)
-        try:
-            counts = [len(x) for x in runtime_split(cfg, sched, precision=precision, seq_len=seq_len,
-                                                    recompute=recompute, ep=lay.ep)]
-        except ConfigError as err:
-            raise PlanError(str(err)) from None
-    if len(counts) != n_stages:
-        raise PlanError(f"parallel.layers_per_stage has {len(counts)} entries; schedule "
-                        f"{lay.schedule} with pp={lay.pp} has {n_stages} stages")
-    return counts, placement, stage_parts(cfg, counts)
+    try:
+        sched = get_schedule(lay.schedule, lay.pp, n_micro)
+    except ScheduleError:
+        sched = _any_schedule(lay.schedule, lay.pp)
+    try:
+        split = runtime_split(cfg, sched, lay.layers_per_stage, precision=precision, seq_len=seq_len,
+                              recompute=recompute, ep=lay.ep)
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
+    counts = [len(x) for x in split]
+    return counts, sched.placement, stage_parts(cfg, counts)
 
 
-def _rank_bytes(cfg, parts: List[Part], lay: PlanLayout, num: Numerics, zero: bool,
-                count_step: bool) -> dict:
-    n_local = -(-cfg.n_routed_experts // lay.ep)
-    dense = sum(p.dense_params for p in parts)
-    expert = sum(p.expert_params * n_local // cfg.n_routed_experts for p in parts)
-    tensors = sum(p.dense_tensors + p.expert_tensors for p in parts)
-    held = dense + expert
-    if zero:  # the fullest rank of the DP / expert-DP group (parallel/partition.py)
-        opt_elems = _fullest_share(dense, lay.dp) + _fullest_share(expert, lay.edp)
-        step = 0
-    else:
-        opt_elems = held
-        step = 4 * tensors if count_step else 0  # torch AdamW: one fp32 'step' per parameter tensor
-    return {
-        "param_count": held, "dense_param_count": dense, "expert_param_count": expert,
-        "param_tensors": tensors,
-        "param_bytes": int(held * num.weight),
-        "grad_bytes": int(held * num.grad),
-        "optimizer_state_bytes": int(opt_elems * num.optimizer) + step,
-        "optimizer_state_elems": opt_elems,
-    }
-
-
-# ----------------------------------------------------------------------------------- ZeRO-1 as run
-def _fullest_share(numel: int, group: int) -> int:
-    """Elements of the fullest rank when `numel` elements are partitioned over `group` ranks."""
-    return max(rank_elements([numel], group, r) for r in range(max(group, 1)))
-
-
-def rank_tensors(model_cfg, layout: Any, rank: int = 0, **split: Any) -> List[TensorSpec]:
-    """The parameter tensors global `rank` trains, as its engine's named_parameters() lists them:
-    pp = 1 (trainer.local_engine.LocalEngine) in model.named_parameters() order; pp > 1
-    (parallel.pipeline.runtime.PipelineEngine) every stage's parameters once, sorted by name.
-    Expert tensors are this EP rank's slice (n_routed_experts // ep experts). `split`: precision,
-    seq_len, recompute, n_microbatches of the layer split (see predict_rank_bytes)."""
-    lay = _as_layout(layout)
-    return _held_tensors(model_cfg, lay, _rank_parts(model_cfg, *_rank_stages(model_cfg, lay, rank, **split)))
-
-
-def _rank_stages(cfg, lay: PlanLayout, rank: int, precision: str = "fp32", seq_len: Optional[int] = None,
-                 recompute: str = "none", n_microbatches: int = 0) -> Tuple[List[List[Part]], Tuple[int, ...]]:
-    """(parts per stage, the stages `rank` holds)."""
-    _, placement, stages = _stages_for(cfg, lay, precision, seq_len, recompute, n_microbatches)
-    pp_rank = rank // lay.dp
+def rank_parameters(cfg, lay: PlanLayout, counts: Sequence[int], rank: int) -> list:
+    """Global `rank`'s parameters (meta-device tensors) as its engine lists them: the modules the
+    trainer builds for it (its stages, DualPipe both, one shared embedding; its EP rank's experts)."""
     if not 0 <= rank < lay.pp * lay.dp:
         raise PlanError(f"rank {rank} outside world size {lay.pp * lay.dp}")
-    return stages, tuple(placement[pp_rank])
+    c = lay.ranks.coords(rank)
+    return _built(_cfg_key(cfg), lay.schedule, lay.pp, tuple(counts), c["pp_rank"], lay.ep, c["ep_rank"])
 
 
-def _held_tensors(cfg, lay: PlanLayout, parts: Sequence[Part]) -> List[TensorSpec]:
-    held = {p.name for p in parts}
-    n, n_local = cfg.n_routed_experts, cfg.n_routed_experts // lay.ep
-    out = []
-    for t in param_inventory(cfg).tensors:
-        if t.part not in held:
-            continue
-        if is_expert_param(t.name):
-            t = TensorSpec(t.name, (t.shape[0] // n * n_local,) + tuple(t.shape[1:]), t.part)
-        out.append(t)
-    return sorted(out, key=lambda t: t.name) if lay.pp > 1 else out
+@functools.lru_cache(maxsize=256)
+def _built(key: str, schedule: str, pp: int, counts: Tuple[int, ...], pp_rank: int, ep: int, ep_rank: int) -> list:
+    import torch
+
+    from model.moe import ExpertPlacement
+    from model.transformer import DeepSeekV3
+    from parallel.pipeline.stages import build_stage_modules, engine_named_parameters
+
+    cfg, meta, experts = ModelConfig.from_dict(json.loads(key)), torch.device("meta"), ExpertPlacement(ep_rank, ep)
+    if pp == 1:  # the whole model, as the trainer builds it without a pipeline
+        with meta:
+            modules = [DeepSeekV3(cfg, experts=experts, init_seed=None)]
+    else:
+        starts = [sum(counts[:s]) for s in range(len(counts))]
+        split = [list(range(a, a + c)) for a, c in zip(starts, counts)]
+        modules = build_stage_modules(cfg, _any_schedule(schedule, pp), pp_rank, split=split, device=meta,
+                                      experts=experts)
+    return engine_named_parameters(modules, pipelined=pp > 1)
 
 
-def zero_state_elements(tensors: Sequence[TensorSpec], layout: Any, rank: int = 0,
-                        zero: bool = True) -> Tuple[int, int]:
-    """(elements, pieces) of optimizer state global `rank` holds for `tensors` (rank_tensors: what
-    it trains, in its engine's order) under parallel/zero.ShardedAdamW: each part (non-expert over
-    its DP group, group rank = dp_rank; expert over its expert-DP group, group rank = edp_rank) in
-    optimizer_param_groups order, split by zero_partition when zero, whole otherwise. A piece is
-    one parameter's range on this rank (it carries one AdamW step counter)."""
-    lay = _as_layout(layout)
-    dp_rank = rank % lay.dp
-    edp_rank = dp_rank // lay.ep
-    elems = pieces = 0
-    for is_expert, groups in optimizer_param_groups([(t.name, t) for t in tensors], 0.0):
-        world, me = (lay.edp, edp_rank) if is_expert else (lay.dp, dp_rank)
-        if not zero or world <= 1:
-            world, me = 1, 0
-        mine = zero_partition([t.numel() for g in groups for t in g["params"]], world)[me]
-        elems += sum(b - a for _, a, b in mine)
-        pieces += len(mine)
-    return elems, pieces
+def _rank_bytes(cfg, lay: PlanLayout, counts: Sequence[int], rank: int, num: Numerics, zero: bool,
+                count_step: bool) -> dict:
+    """Bytes of global `rank`'s built parameters under `num`; the optimizer state is its share by
+    the trainer's ZeRO-1 partition (parallel/partition.py; zero=False: everything it trains) ×
+    (master + moments), plus with count_step one fp32 AdamW step per piece."""
+    from parallel.partition import rank_state_elements
 
-
-MOMENT_BYTES = {"fp32": 8, "bf16": 4}  # exp_avg + exp_avg_sq per element
+    named = rank_parameters(cfg, lay, counts, rank)
+    held = sum(p.numel() for _, p in named)
+    expert = sum(p.numel() for n, p in named if is_expert_param(n))
+    c = lay.ranks.coords(rank)
+    elems, pieces = rank_state_elements(named, lay.dp, lay.ranks.edp, c["dp_rank"], c["edp_rank"], zero)
+    return {
+        "param_count": held, "dense_param_count": held - expert, "expert_param_count": expert,
+        "param_tensors": len(named),
+        "param_bytes": int(held * num.weight),
+        "grad_bytes": int(held * num.grad),
+        "optimizer_state_bytes": int(elems * num.optimizer) + (4 * pieces if count_step else 0),
+        "optimizer_state_elems": elems, "optimizer_state_pieces": pieces,
+    }
 
 
 def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str = "fp32",
@@ -618,33 +454,24 @@ def predict_rank_bytes(model_cfg, layout: Any, rank: int = 0, *, precision: str 
     """Parameter, gradient and optimizer-state bytes held by global `rank` of `layout`.
 
     layout: a PlanLayout, parallel.topology.Layout or any object/dict with pp, dp (or
-    world_size), ep and optionally schedule, gpus_per_node, layers_per_stage. Ranks follow
-    parallel/topology.py (rank = pp_rank·dp + dp_rank, dp_rank = edp_rank·ep + ep_rank); a rank
-    holds the stages the schedule places on its pipeline index (DualPipe: r and pp-1-r), expert
-    tensors sliced to n_routed_experts/ep experts. Bytes per element follow `precision` (NUMERICS:
+    world_size), ep and optionally schedule, gpus_per_node, layers_per_stage. The rank's
+    parameters are the modules training builds for it (rank_parameters), on the stage split
+    training cuts (parallel/pipeline/stages.split_layers(model_cfg, schedule at n_microbatches,
+    precision=, seq_len=, recompute=, ep=)). Bytes per element follow `precision` (NUMERICS:
     fp32 = FP32 weights, no separate master; bf16/fp8 = BF16 weights + FP32 master), the moments
-    `moment_dtype` (auto = the precision's: fp32 under fp32, bf16 otherwise). The optimizer state
-    is this rank's share by zero_state_elements (the trainer's partition; zero=False: everything
-    it trains) × (master + moments), plus with count_step one fp32 AdamW step per piece.
-    With pp > 1 and no layers_per_stage, the stage split is the runtime's
-    (parallel/pipeline/stages.split_layers(model_cfg, schedule at n_microbatches, precision=,
-    seq_len=, recompute=, ep=)). A rank's stages share one embedding (stages.build_stage_modules).
-    Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, ...)."""
-    lay = _as_layout(layout)
-    num = numerics(precision)
-    if moment_dtype != "auto":
-        if moment_dtype not in MOMENT_BYTES:
-            raise PlanError(f"optim.moment_dtype: expected auto|fp32|bf16, got {moment_dtype!r}")
-        num = Numerics(**{**asdict(num), "moments": MOMENT_BYTES[moment_dtype]})
-    stages, held = _rank_stages(model_cfg, lay, rank, precision, seq_len, recompute, n_microbatches)
-    parts = _rank_parts(model_cfg, stages, held)
-    out = _rank_bytes(model_cfg, parts, lay, num, zero, count_step)
-    out["stages"] = list(held)
-    elems, pieces = zero_state_elements(_held_tensors(model_cfg, lay, parts), lay, rank, zero=zero)
-    out.update(optimizer_state_elems=elems, optimizer_state_pieces=pieces,
-               optimizer_state_bytes=int(elems * num.optimizer) + (4 * pieces if count_step else 0))
-    return out
+    `moment_dtype` (auto = the precision's: fp32 under fp32, bf16 otherwise).
+    Returns dict(param_bytes, grad_bytes, optimizer_state_bytes, param_count, stages, ...)."""
+    from parallel.zero import MOMENT_DTYPES, moment_dtype_for  # the optimizer's choice (torch-backed)
 
+    lay = _as_layout(layout)
+    if moment_dtype not in ("auto", *MOMENT_DTYPES):
+        raise PlanError(f"optim.moment_dtype: expected auto|{'|'.join(MOMENT_DTYPES)}, got {moment_dtype!r}")
+    # exp_avg + exp_avg_sq per element
+    num = replace(numerics(precision), moments=2 * moment_dtype_for(moment_dtype, precision).itemsize)
+    counts, placement, _ = _stages_for(model_cfg, lay, precision, seq_len, recompute, n_microbatches)
+    out = _rank_bytes(model_cfg, lay, counts, rank, num, zero, count_step)
+    out["stages"] = list(placement[rank // lay.dp])
+    return out
 
 # ----------------------------------------------------------------------------------- time
 @dataclass(frozen=True)
@@ -683,7 +510,7 @@ def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, precision: str
     from model.wire import resolve_wire  # torch-backed (the payload formats)
 
     d, k = cfg.dim, cfg.n_activated_experts
-    n_nodes = lay.n_nodes_ep
+    n_nodes = lay.ranks.n_nodes_ep
     g = min(lay.gpus_per_node, lay.ep)
     m = min(cfg.max_nodes_per_token or n_nodes, n_nodes)
     remote = m * (1 - 1 / n_nodes) if n_nodes > 1 else 0.0  # expected remote nodes per token
@@ -796,8 +623,14 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     num = numerics(recipe.precision)
     if not 0 < fraction <= 1:
         raise PlanError(f"plan.achievable_fraction must be in (0, 1], got {fraction}")
-    inv = param_inventory(cfg)
     reasons: List[str] = []
+
+    def invalid() -> dict:  # no per-rank figures: the ranks cannot be built
+        return {**param_counts(cfg), "valid": False, "reasons": reasons, "hardware": hw.name,
+                "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "world_size": lay.world_size,
+                           "schedule": lay.schedule}, "recipe": asdict(recipe),
+                "peak_memory_per_rank_gb": None, "bubble_fraction": None, "step_time_s": None,
+                "gpu_hours_per_trillion_tokens": None}
 
     # ---- layout checks (all of them, not just the first): the trainer's (parallel/topology.py)
     if lay.pp < 1 or lay.dp < 1 or lay.ep < 1:
@@ -818,22 +651,16 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         sched = get_schedule(lay.schedule, lay.pp, n_micro)
     except ScheduleError as err:
         reasons.append(f"{err}")
+    if lay.dp % lay.ep or cfg.n_routed_experts % lay.ep:
+        return invalid()  # no whole EP groups / expert shards (layout_problems said which)
     try:
         counts, placement, stages = _stages_for(cfg, lay, recipe.precision, recipe.seq_len,
                                                 recipe.recompute, n_micro)
     except (ScheduleError, PlanError) as err:
         if str(err) not in reasons:
             reasons.append(str(err))
-        return {**_counts(inv), "valid": False, "reasons": reasons, "hardware": hw.name,
-                "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "world_size": lay.world_size,
-                           "schedule": lay.schedule}, "recipe": asdict(recipe),
-                "peak_memory_per_rank_gb": None, "bubble_fraction": None, "step_time_s": None,
-                "gpu_hours_per_trillion_tokens": None}
+        return invalid()
     n_stages = len(stages)
-    if n_stages > 2 and min(counts[1:-1]) < 1:
-        reasons.append(f"{n_stages} pipeline stages for {cfg.n_layers} layers: an inner stage holds no layer")
-    elif cfg.n_layers < n_stages:
-        reasons.append(f"{n_stages} pipeline stages for {cfg.n_layers} layers: a stage holds no layer")
 
     tokens_mb = recipe.micro_batch * recipe.seq_len
     shape = dict(micro_batch=recipe.micro_batch, seq_len=recipe.seq_len, ep=lay.ep, device=recipe.device)
@@ -848,8 +675,9 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     # ---- memory per rank
     ranks = []
     for r, held in enumerate(placement):
-        parts = _rank_parts(cfg, stages, held)
-        rb = _rank_bytes(cfg, parts, lay, num, recipe.zero, count_step=False)
+        # the DP group's fullest rank: its last (zero_partition gives it ceil(n / group) elements
+        # of both the DP and the expert-DP part)
+        rb = _rank_bytes(cfg, lay, counts, r * lay.dp + lay.dp - 1, num, recipe.zero, count_step=False)
         act, live = live_for(r, stage_act)
         transient = max(stage_transient[s] for s in held)
         alt = {}
@@ -908,7 +736,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         for x in ranks:
             rb = x["_rb"]
             dpf = (lay.dp - 1) / lay.dp
-            edf = (lay.edp - 1) / lay.edp
+            edf = (lay.ranks.edp - 1) / lay.ranks.edp
             s_ = (rb["dense_param_count"] * dpf + rb["expert_param_count"] * edf) * (num.grad + num.weight)
             sync = max(sync, s_ / (hw.ib_gbps * GB))
             opt = max(opt, rb["optimizer_state_elems"] * (num.grad + 2 * num.optimizer + num.weight)
@@ -934,10 +762,10 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     for x in ranks:
         del x["_rb"]
     out = {
-        **_counts(inv),
+        **param_counts(cfg),
         "valid": not reasons, "reasons": reasons,
         "hardware": hw.name, "hbm_gb": hw.hbm_gb,
-        "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "edp": lay.edp, "world_size": lay.world_size,
+        "layout": {"pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "edp": lay.ranks.edp, "world_size": lay.world_size,
                    "gpus_per_node": lay.gpus_per_node, "schedule": lay.schedule, "n_stages": n_stages,
                    "layers_per_stage": counts},
         "recipe": asdict(recipe), "microbatches": n_micro, "tokens_per_step": tokens_step,
@@ -958,16 +786,6 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
     else:
         out.update({"step_time_s": None, "bubble_fraction": None, "gpu_hours_per_trillion_tokens": None})
     return out
-
-
-def _counts(inv: Inventory) -> dict:
-    return {"params_total": inv.total, "params_activated": inv.activated,
-            "params_activated_with_embedding": inv.activated_with_embedding,
-            "params_mtp": inv.mtp_unique, "params_embedding": inv.embedding}
-
-
-def model_counts(cfg) -> dict:
-    return _counts(param_inventory(cfg))
 
 
 def schedule_figures(schedule: str, pp: int, n_microbatches: int, costs: dict) -> dict:

@@ -21,11 +21,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
-from torch.testing._internal.distributed.fake_pg import FakeStore  # torch's fake backend ("fake")
+# registers torch's "fake" backend (dist.Backend.FAKE): torch 2.13 has the backend name but no public
+# registration; the store is the public HashStore (the fake group never reads it)
+import torch.testing._internal.distributed.fake_pg  # noqa: F401
 
 from model import ConfigError, ModelConfig
 from parallel.grads import count_bytes, grad_nbytes
 from parallel.pipeline import get_schedule, validate as validate_schedule
+from parallel.pipeline.stages import engine_named_parameters
 from parallel.planner import rank_activation_bytes
 from parallel.topology import Topology
 from parallel.zero import build_optimizer, moment_dtype_for
@@ -71,16 +74,13 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
     """(modules, named parameters, optimizer) of global `rank`, built as the trainer builds them,
     on the meta device, under a fake process group of the job's world size."""
     p = cfg.parallel
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world_size)
+    dist.init_process_group(dist.Backend.FAKE, store=dist.HashStore(), rank=rank, world_size=layout.world_size)
     try:
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
                                 *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"),
                                 numerics=numerics_for(cfg.precision), recompute=cfg.train.recompute)
-        named: dict = {}
-        for m in modules:  # as the engines list them: every parameter once (one shared embedding)
-            named.update(dict(m.named_parameters()))
-        named = sorted(named.items()) if schedule is not None else list(modules[0].named_parameters())
+        named = engine_named_parameters(modules, pipelined=schedule is not None)
         # this rank's ZeRO-1 states, allocated on the meta device with the parameters (no memory)
         optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero,
                                     moment_dtype=moment_dtype_for(cfg.optim.moment_dtype, cfg.precision))

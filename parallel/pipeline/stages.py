@@ -110,6 +110,19 @@ def build_stage_modules(cfg: ModelConfig, schedule: Schedule, pp_rank: int,
     return modules
 
 
+def engine_named_parameters(modules: Sequence[torch.nn.Module], pipelined: bool) -> list:
+    """A rank's parameters as its engine lists them (the order its ZeRO-1 optimizer partitions):
+    the whole model (pp = 1, trainer.local_engine.LocalEngine) in named_parameters() order; stage
+    modules (parallel.pipeline.runtime.PipelineEngine) every parameter once (one shared
+    embedding), sorted by name."""
+    if not pipelined:
+        return list(modules[0].named_parameters())
+    named: dict = {}
+    for m in modules:
+        named.update(dict(m.named_parameters()))
+    return sorted(named.items())
+
+
 def stage_dispatchers(topo, n_chunks: int, n_experts: int, mode: str = "flat", wire: Wire = FP32) -> list:
     """One expert-parallel dispatcher (`parallel.dispatch` mode: flat | two_hop, payload `wire`)
     per chunk of this rank (call on EVERY rank; [] when ep == 1: the LocalDispatcher runs every
