@@ -14,11 +14,7 @@ import pytest
 from parallel import planner as P
 from tests.helpers import TINY, compose, preset_model_cfg, read_metrics, run_cli
 
-# fb_overlap=none: an FB pair runs its forward, then its backward, as the plan counts the peak;
-# with the CPU default (the forward in a second thread) the peak depends on how the threads
-# interleave: anywhere from one chunk's micro-batch below the plan up to the plan
-DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batch=1", "parallel.ep=2",
-            "parallel.fb_overlap=none"]
+DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batch=1", "parallel.ep=2"]
 
 
 def _bf16_on_cpu() -> bool:

@@ -33,10 +33,6 @@ class ParallelConfig:
     layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
-    # How a pipeline FB pair runs its halves: auto (CPU: the forward in a second thread, CUDA:
-    # back to back) | thread | none (forward, then backward: the activation peak the plan counts,
-    # independent of thread timing). parallel/pipeline/runtime.py
-    fb_overlap: str = "auto"
 
 
 @dataclass

@@ -215,8 +215,7 @@ class Trainer:
         if self.schedule is None:
             self.engine = LocalEngine(modules[0], self.topo, autocast=autocast)
         else:
-            self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast,
-                                         overlap=cfg.parallel.fb_overlap)
+            self.engine = PipelineEngine(self.schedule, modules, self.topo, autocast=autocast)
             self.engine.timeline.enabled = cfg.debug.record_timeline
         self.modules = modules
         t = cfg.train

@@ -195,7 +195,6 @@ RULES: dict[str, Rule] = {
     "parallel.dp": at_least(0),
     "parallel.ep": at_least(1),
     "parallel.schedule": one_of(*SCHEDULES),
-    "parallel.fb_overlap": one_of("auto", "thread", "none"),
     "parallel.gpus_per_node": at_least(1),
     "parallel.expert_nodes": at_least(0),
     "parallel.layers_per_stage": Rule(_layers_per_stage, ([0, 3],)),
