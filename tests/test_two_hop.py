@@ -18,7 +18,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.moe import LocalDispatcher, MoE
 from model.wire import FP32, Wire, resolve_wire
-from parallel.a2a_bytes import combine_row_bytes, dispatch_row_bytes, payload_row_bytes, two_hop_inter_node_bytes
+from parallel.a2a_bytes import combine_row_bytes, dispatch_row_bytes, flat_bytes, payload_row_bytes, two_hop_bytes
 from parallel.dispatch import apply_expert_parallel
 from parallel.testing import run_distributed
 from parallel.topology import Topology
@@ -61,6 +61,43 @@ def _distinct_remote_nodes(ids: torch.Tensor, per_node: int, my_node: int) -> in
     return sum(len(set(row.tolist()) - {my_node}) for row in nodes)
 
 
+def _pair_counts(ids: torch.Tensor, n_local: int, gpus: int, rank: int) -> list[float]:
+    """This source rank's routing as the pair counts of parallel/a2a_bytes.py: two_hop's (token,
+    remote node), (hop-1 row, other GPU of the node than its forwarder), (pair, expert on another
+    GPU than its forwarder); flat's (pair, expert on another node), (pair, other GPU of my node)."""
+    node, local = divmod(rank, gpus)
+    gpu = ids // n_local  # [N, k] EP rank of each pair's expert
+    fwd = (gpu // gpus) * gpus + local  # the forwarding rank on that pair's node
+    token_nodes = _distinct_remote_nodes(ids, n_local * gpus, node)
+    token_gpus = sum(len({g for g, f in zip(gr.tolist(), fr.tolist()) if g != f}) for gr, fr in zip(gpu, fwd))
+    token_experts = int((gpu != fwd).sum())
+    remote_pairs = int((gpu // gpus != node).sum())
+    node_pairs = int(((gpu // gpus == node) & (gpu != rank)).sum())
+    return [token_nodes, token_gpus, token_experts, remote_pairs, node_pairs]
+
+
+def _check_bytes(st: dict, ids: torch.Tensor, dim: int, k: int, n_experts: int, wire: Wire, topo, mode: str) -> dict:
+    """Measured bytes summed over the 4 ranks (forward + backward + split sizes, both link kinds)
+    == parallel/a2a_bytes.py's formula on this routing (one MoE call per rank)."""
+    ep, gpus = topo.ep, topo.gpus_per_node
+    n_local = n_experts // ep
+    mine = _pair_counts(ids, n_local, gpus, topo.ep_rank)
+    keys = ["a2a_bytes_inter_node", "a2a_bytes_intra_node", "a2a_bytes_backward_inter_node", "a2a_bytes_splits"]
+    tot = torch.tensor([float(st[key]) for key in keys] + mine, dtype=torch.float64)
+    dist.all_reduce(tot)
+    measured = dict(zip(keys, tot[:4].tolist()))
+    tn, tg, te, rp, np_ = tot[4:].tolist()
+    if mode == "two_hop":
+        want = two_hop_bytes(tn, tg, te, dim, k, wire, calls=ep, n_nodes=ep // gpus, gpus=gpus)
+    else:
+        want = flat_bytes(rp, np_, dim, wire, calls=ep, n_local=n_local, remote_peers=ep - gpus, node_peers=gpus - 1)
+    assert measured["a2a_bytes_inter_node"] == want["inter"], (mode, measured, want)
+    assert measured["a2a_bytes_intra_node"] == want["intra"], (mode, measured, want)
+    assert measured["a2a_bytes_backward_inter_node"] == want["backward_inter"], (mode, measured, want)
+    assert measured["a2a_bytes_splits"] == want["splits_inter"] + want["splits_intra"], (mode, measured, want)
+    return {"measured": measured, "planned": want, "token_nodes": tn, "remote_pairs": rp}
+
+
 def _edge_cases(rank, world):
     topo = Topology.from_env(pp=1, dp=4, ep=4, gpus_per_node=2)
     assert dist.get_process_group_ranks(topo.ep_inter_group) == [topo.ep_rank % 2, topo.ep_rank % 2 + 2]
@@ -79,17 +116,17 @@ def _edge_cases(rank, world):
         cfg = _cfg(**kw)
         ref = _moe(cfg, bias)
         flat, two = copy.deepcopy(ref), copy.deepcopy(ref)
-        apply_expert_parallel(flat, topo, source=ref, mode="flat")
+        d1 = apply_expert_parallel(flat, topo, source=ref, mode="flat")
         d2 = apply_expert_parallel(two, topo, source=ref, mode="two_hop")
         gen = torch.Generator().manual_seed(7)
         x = torch.randn(sum(ntok), 1, cfg.dim, generator=gen)
         g = torch.randn(sum(ntok), 1, cfg.dim, generator=gen)
         lo = sum(ntok[:rank])
         sl = slice(lo, lo + ntok[rank])
-        d2.reset_stats()
+        d1.reset_stats(), d2.reset_stats()
         o_f, dx_f, gr_f = _run(flat, x[sl], g[sl])
         o_t, dx_t, gr_t = _run(two, x[sl], g[sl])
-        st = d2.reset_stats()
+        st, st_flat = d2.reset_stats(), d1.reset_stats()
         _close(o_t, o_f, 1e-6, (name, "out"))
         _close(dx_t, dx_f, 1e-6, (name, "dx"))
         for n in gr_f:
@@ -100,11 +137,13 @@ def _edge_cases(rank, world):
         k = cfg.n_activated_experts
         remote = _distinct_remote_nodes(ids, 4, topo.ep_node)
         assert st["a2a_bytes_dispatch_inter_node"] == remote * dispatch_row_bytes(cfg.dim, k, "fp32", "hop1"), (name, st)
-        tot = torch.tensor([st["a2a_bytes_inter_node"], remote], dtype=torch.float64)
-        dist.all_reduce(tot)
-        # every (token, remote node) pair also returns one partial: the planner's formula
-        assert tot[0] == two_hop_inter_node_bytes(tot[1], cfg.dim, k, "fp32", "fp32"), (name, tot)
-        out[name] = (int(tot[1]), st)
+        # forward + backward + split sizes of both modes = the planner's formula on this routing
+        b2 = _check_bytes(st, ids, cfg.dim, k, cfg.n_routed_experts, FP32, topo, "two_hop")
+        b1 = _check_bytes(st_flat, ids, cfg.dim, k, cfg.n_routed_experts, FP32, topo, "flat")
+        # one all-to-all per hop and direction, forward (+ split sizes) and backward
+        assert st["a2a_calls"] == 10 and st_flat["a2a_calls"] == 5, (st, st_flat)
+        tot = torch.tensor([b2["token_nodes"]])
+        out[name] = (int(tot[0]), st, b2, b1)
     # node 0's tokens have no remote node: nothing of theirs crosses (node 1's come in and go back)
     assert (out["no remote node (node limit 1, experts 0-3 favoured on node 0)"][1]["a2a_bytes_dispatch_inter_node"]
             == 0) == (rank < 2)
@@ -128,12 +167,17 @@ def _wire_matches_local(rank, world, wire: Wire, fp8_experts: bool):
     o_ref, dx_ref, _ = _run(local, x, g)
     lo = sum(ntok[:rank])
     sl = slice(lo, lo + ntok[rank])
+    two.dispatcher.reset_stats()
     o, dx, _ = _run(two, x[sl], g[sl])
+    with torch.no_grad():
+        _, ids, _ = two.gate(x[sl].reshape(-1, cfg.dim))
+    b = _check_bytes(two.dispatcher.reset_stats(), ids, cfg.dim, cfg.n_activated_experts, cfg.n_routed_experts,
+                     wire, topo, "two_hop")
     exact = (o - o_ref[sl]).abs().max() / o_ref.abs().max()
     grad = (dx - dx_ref[sl]).abs().max() / dx_ref.abs().max()
     o_plain, _, _ = _run(copy.deepcopy(ref), x, g)  # no rounding at all
     effect = (o_plain - o_ref).abs().max() / o_ref.abs().max()
-    return float(exact), float(grad), float(effect)
+    return float(exact), float(grad), float(effect), b
 
 
 WIRES = [("bf16", False), ("fp8", False), ("auto", True)]  # auto under precision=fp8: FP8 experts
@@ -162,7 +206,7 @@ def test_wire_rounding_is_layout_invariant(four_ranks, a2a):
     round-off (the rounding itself changes them by far more); input gradients agree to the bf16
     floor of the backward exchanges (sums taken in another grouping before rounding)."""
     for r in four_ranks:
-        exact, grad, effect = r[a2a]
+        exact, grad, effect, _ = r[a2a]
         assert exact < 1e-6, (a2a, r[a2a])
         assert effect > 1e-3, (a2a, r[a2a])  # the emulated rounding is real
         assert grad < 2e-2, (a2a, r[a2a])
