@@ -36,6 +36,21 @@ from model.wire import FP32, Wire, encode, encode_rows
 from parallel.a2a import ExchangeStats, Pending, Route, exchange, exchange_counts
 
 
+def pair_counts(ids: torch.Tensor, n_local: int, gpus: int, rank: int) -> list[float]:
+    """ids [N, k] of the tokens of EP rank `rank` (nodes of `gpus` ranks, `n_local` experts each)
+    → this source rank's routing as the pair counts of parallel/a2a_bytes.py: two_hop's (token,
+    remote node), (hop-1 row, other GPU of the node than its forwarder), (pair, expert on another
+    GPU than its forwarder); flat's (pair, expert on another node), (pair, other GPU of my node)."""
+    node, local = divmod(rank, gpus)
+    gpu = ids // n_local  # [N, k] EP rank of each pair's expert
+    fwd = (gpu // gpus) * gpus + local  # the forwarding rank on that pair's node
+    token_nodes = sum(len(set(row.tolist()) - {node}) for row in gpu // gpus)
+    token_gpus = sum(len({g for g, f in zip(gr.tolist(), fr.tolist()) if g != f}) for gr, fr in zip(gpu, fwd))
+    token_experts = int((gpu != fwd).sum())
+    remote_pairs = int((gpu // gpus != node).sum())
+    node_pairs = int(((gpu // gpus == node) & (gpu != rank)).sum())
+    return [token_nodes, token_gpus, token_experts, remote_pairs, node_pairs]
+
 
 def _size(group: Any) -> int:
     return dist.get_world_size(group) if group is not None else 1

@@ -133,14 +133,14 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
 
 
 def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: str = "flat", wire: Wire = FP32,
-                  device=None) -> list[DeepSeekV3]:
+                  device=None, gpus_per_node: int = 1) -> list[DeepSeekV3]:
     """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
     experts and their dispatcher(s) and the node count; uninitialised, on `device` (None: the
     default; the dry run builds on "meta")."""
     n_experts = mcfg.n_routed_experts
     experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
     # every expert in process, rounded as the configured EP layout would send it
-    local = LocalDispatcher(wire, mode == "two_hop", n_nodes)
+    local = LocalDispatcher(wire, mode == "two_hop", n_nodes, gpus_per_node)
     if schedule is None:
         if topo is not None and topo.ep > 1:
             groups = (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group)
@@ -201,7 +201,8 @@ class Trainer:
     def _build(self) -> None:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
-        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode, self.wire)
+        modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode, self.wire,
+                                gpus_per_node=self.cfg.parallel.gpus_per_node)
         autocast = None
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
