@@ -156,9 +156,9 @@ def _wire_matches_local(rank, world, wire: Wire, fp8_experts: bool):
         local.dispatcher = LocalDispatcher(wire, two_hop=mode == "two_hop", n_nodes=2, gpus_per_node=2)
         ep = copy.deepcopy(ref)
         apply_expert_parallel(ep, topo, source=ref, mode=mode, wire=wire)
-        o_ref, dx_ref, _ = _run(local, x, g)
+        o_ref, dx_ref, gr_ref = _run(local, x, g)
         ep.dispatcher.reset_stats()
-        o, dx, _ = _run(ep, x[sl], g[sl])
+        o, dx, gr = _run(ep, x[sl], g[sl])
         with torch.no_grad():
             _, ids, _ = ep.gate(x[sl].reshape(-1, cfg.dim))
         b = _check_bytes(ep.dispatcher.reset_stats(), ids, cfg.dim, cfg.n_activated_experts, cfg.n_routed_experts,
@@ -166,17 +166,32 @@ def _wire_matches_local(rank, world, wire: Wire, fp8_experts: bool):
         exact = (o - o_ref[sl]).abs().max() / o_ref.abs().max()
         grad = (dx - dx_ref[sl]).abs().max() / dx_ref.abs().max()
         effect = (o_plain - o_ref).abs().max() / o_ref.abs().max()
-        out[mode] = (float(exact), float(grad), float(effect), b)
+        # parameter gradients: the experts' (FP8 Wgrad under auto: each expert sees the same tokens
+        # in one 128-token tile, in another order) gathered, the rest summed over the ranks
+        worst = 0.0
+        for n, p_grad in gr.items():
+            if ".experts." in n or n.startswith("experts."):
+                parts = [torch.empty_like(p_grad) for _ in range(world)]
+                dist.all_gather(parts, p_grad.contiguous())
+                full = torch.cat(parts)
+            else:
+                full = p_grad.clone()
+                dist.all_reduce(full)
+            worst = max(worst, float((full - gr_ref[n]).abs().max() / gr_ref[n].abs().max().clamp_min(1e-30)))
+        out[mode] = (float(exact), max(float(grad), worst), float(effect), b)
     return out
 
 
-WIRES = [("bf16", False), ("fp8", False), ("auto", True)]  # auto under precision=fp8: FP8 experts
+# (parallel.a2a_dtype, FP8 experts): auto under precision=fp8 has FP8 experts; bf16 with FP8
+# experts: the experts quantise rows that did not come as FP8 tiles
+WIRES = [("bf16", False), ("fp8", False), ("auto", True), ("bf16", True)]
 
 
 def _all_cases(rank, world):
     out = {"edge": _edge_cases(rank, world)}
     for a2a, fp8_experts in WIRES:
-        out[a2a] = _wire_matches_local(rank, world, resolve_wire(a2a, "fp8" if fp8_experts else "fp32"), fp8_experts)
+        out[a2a, fp8_experts] = _wire_matches_local(rank, world, resolve_wire(a2a, "fp8" if fp8_experts else "fp32"),
+                                                    fp8_experts)
     return out
 
 
@@ -190,11 +205,12 @@ def test_two_hop_equals_flat_on_edge_cases(four_ranks):
     assert four_ranks[0]["edge"]["all tokens to node 1, node 0 receives nothing"][0] > 0
 
 
-@pytest.mark.parametrize("a2a", [w for w, _ in WIRES])
+@pytest.mark.parametrize("a2a", WIRES, ids=[f"{w}{'-fp8experts' if e else ''}" for w, e in WIRES])
 @pytest.mark.parametrize("mode", ["two_hop", "flat"])
 def test_wire_rounding_is_layout_invariant(four_ranks, a2a, mode):
-    """The forward values AND the input gradients of EP (flat or two_hop, 2 nodes of 2 GPUs)
-    equal one process's LocalDispatcher emulation of the same rounding to fp32 round-off (the
+    """The forward values, the input gradients AND every parameter gradient (FP8 expert Wgrad
+    included under auto) of EP (flat or two_hop, 2 nodes of 2 GPUs) equal one process's
+    LocalDispatcher emulation of the same rounding to fp32 round-off (the
     rounding itself changes them by far more): the backward rounds each gradient row where the
     EP exchanges do ((token, expert) pairs for flat; (token, GPU) and (token, node) sums for
     two_hop), summing in the same order."""
