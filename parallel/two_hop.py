@@ -220,7 +220,8 @@ class TwoHopDispatcher(ExchangeStats):
             0, gpu2.cpu(), on_gpu.sum(1).long().cpu())
         back = Route(pairs_from.tolist(), pairs_back.tolist(), self.intra_group, self.local,
                      [False] * self.gpus, self.wire.backward, self, "combine")
-        d = TwoHopDispatched(x=x2.index_select(0, rows), counts=counts, x_fp8=take_rows(parts2, rows) if fmt == "fp8" else None,
+        x_fp8 = take_rows(parts2, rows) if fmt == "fp8" else None  # else the experts quantise (FP8 experts)
+        d = TwoHopDispatched(x=x2.index_select(0, rows), counts=counts, x_fp8=x_fp8,
                              src=src, fwd=fwd, order=order, route2_back=back, t_issue=t0)
         self._add_time(time.perf_counter() - t0)
         return d
