@@ -5,21 +5,24 @@
 One MoE layer of the toy model (dim 256, 16 experts, top-4, 4 groups) with node-limited routing
 (model.max_nodes_per_token = half the nodes, as the paper's 4 of 8), EP = 8 processes simulated
 as 2 and as 4 nodes (parallel.gpus_per_node = 4, 2), `--tokens` tokens per rank, forward +
-backward, median over repeats. Per (nodes, variant): inter-node and intra-node bytes of the
-forward (summed over ranks, payload + metadata as sent) and the step time, for
-flat/fp32, two_hop/fp32 and two_hop/fp8 (FP8 dispatch, BF16 combine and backward). Then
+backward, median over repeats. Per (nodes, variant): inter-node and intra-node bytes of every
+all-to-all (summed over ranks: forward and backward rows, payload + metadata as sent, and the
+split sizes) and the step time, for flat/fp32, two_hop/fp32 and two_hop/fp8 (FP8 dispatch, BF16
+combine and backward). Then
 
     inter_node_bytes_ratio=<two_hop/flat, fp32>  dispatch_bytes_ratio_fp8_vs_fp32=<two_hop>
     time_ratio_fp8_two_hop_vs_flat_fp32=<…>
-    planned_inter_node_bytes=<parallel/a2a_bytes.py on this routing> measured_inter_node_bytes=<…>
+    per variant: planned_inter_node_bytes=<parallel/a2a_bytes.py on this routing>,
+    measured_inter_node_bytes=<…>; match=<planned == measured, inter- and intra-node, all variants>
 
 On CPU the all-to-alls are memory copies between processes, so time ratios say little about a
 cluster's IB/NVLink; the byte counts are exact.
 
-Measured (2-core shared CPU, --tokens 256 --repeats 3): 2 nodes (M=1): inter-node bytes two_hop/flat
-0.254 (8.50 MB → 2.16 MB), intra-node 6.28 → 10.22 MB; 4 nodes (M=2): 0.503 (12.79 → 6.44 MB);
-FP8 dispatch rows / fp32 rows 0.280 (296 vs 1056 bytes incl. 32 bytes of metadata); time
-two_hop/fp8 vs flat/fp32 0.985 and 0.984; planned = measured inter-node bytes in both.
+Measured (2-core shared CPU, --tokens 256 --repeats 3, forward + backward + split sizes): 2 nodes
+(M=1): inter-node bytes two_hop/flat 0.253 (16.99 MB → 4.30 MB), intra-node 12.56 → 20.38 MB;
+4 nodes (M=2): 0.501 (25.59 → 12.83 MB); two_hop/fp8 inter-node 1.91 MB (2 nodes), 5.70 MB
+(4 nodes); FP8 hop-1 dispatch rows / fp32 rows 0.280 (296 vs 1056 bytes incl. 32 bytes of
+metadata); planned = measured bytes for every variant.
 """
 from __future__ import annotations
 
