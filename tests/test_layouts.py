@@ -121,19 +121,21 @@ def test_fp8_dispatch_two_hop_matches_single_process_to_round_off(tmp_path):
     (parallel.expert_nodes=2, parallel.gpus_per_node=2: LocalDispatcher rounds the dispatch rows,
     the expert outputs, the node partials and the gradient rows where two_hop's exchanges do).
     Step 1 (same weights) agrees to fp32 round-off in loss AND gradient norm (measured 7e-13 and
-    3e-10), so every rounding is emulated exactly. Later steps: the losses stay within rel 1e-5
-    (measured 1.6e-6); the grad norms too up to step 3 (measured ≤ 1e-7), after which fp32
-    summation-order differences (DP all-reduce vs micro-batch accumulation), flipped across
-    FP8/BF16 rounding boundaries, grow like one process's own: the control, one process with
-    micro_batch=1, differs from one process by 4.4e-4 in grad norm (EP: 4.7e-5)."""
+    3e-10; 4 one-GPU nodes: 0 and 5e-10), so every rounding is emulated exactly; steps 2-3 stay
+    within rel 1e-5 (measured ≤ 1e-7; 4 nodes: ≤ 2e-6). After that, fp32 summation-order
+    differences (DP all-reduce vs micro-batch accumulation) flipped across FP8/BF16 rounding
+    boundaries grow as they do between one process and itself under another micro-batching, the
+    measured floor the run must stay within (here EP 1.6e-6 loss / 4.7e-5 grad norm over 10 steps,
+    floor 6.6e-6 / 4.4e-4; 4 nodes: EP 1.2e-4 / 1.9e-3)."""
     wire = ["parallel.a2a_dtype=fp8", "parallel.expert_nodes=2", "parallel.gpus_per_node=2"]
     ref = _losses(tmp_path, "single_fp8_wire", 1, wire, evaluate=False)
     ep = _losses(tmp_path, "ep4_fp8_wire", 4, wire + ["parallel.ep=4"], evaluate=False)
     other_mb = _losses(tmp_path, "single_fp8_wire_mb1", 1, wire + ["train.micro_batch=1"], evaluate=False)
-    assert ep[0]["grad_norm"] == pytest.approx(ref[0]["grad_norm"], rel=1e-6)
-    _assert_same("ep4_fp8_wire", ref, ep, keys=("loss", "lm_loss", "mtp_loss"))
-    _assert_same("ep4_fp8_wire", ref[:3], ep[:3], keys=("grad_norm",))
-    assert 0 < _worst(ep, ref, "grad_norm") <= _worst(other_mb, ref, "grad_norm")
+    for key in ("loss", "grad_norm"):
+        assert ep[0][key] == pytest.approx(ref[0][key], rel=1e-6), key
+        floor = _worst(other_mb, ref, key)
+        assert _worst(ep, ref, key) <= floor, (key, _worst(ep, ref, key), floor)
+    _assert_same("ep4_fp8_wire", ref[:3], ep[:3])
 
 
 @pytest.mark.timeout(1200)  # three FP8-simulated runs (one with twice the micro-batches)
