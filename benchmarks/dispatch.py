@@ -5,21 +5,26 @@
 One MoE layer of the toy model (dim 256, 16 experts, top-4, 4 groups) with node-limited routing
 (model.max_nodes_per_token = half the nodes, as the paper's 4 of 8), EP = 8 processes simulated
 as 2 and as 4 nodes (parallel.gpus_per_node = 4, 2), `--tokens` tokens per rank, forward +
-backward, median over repeats. Per (nodes, variant): inter-node and intra-node bytes of the
-forward (summed over ranks, payload + metadata as sent) and the step time, for
-flat/fp32, two_hop/fp32 and two_hop/fp8 (FP8 dispatch, BF16 combine and backward). Then
+backward, median over repeats. Per (nodes, variant): inter-node and intra-node bytes of every
+all-to-all (summed over ranks: forward and backward rows, payload + metadata as sent, and the
+split sizes) and the step time, for flat/fp32, two_hop/fp32 and two_hop/fp8 (FP8 dispatch, BF16
+combine and backward). Then
 
     inter_node_bytes_ratio=<two_hop/flat, fp32>  dispatch_bytes_ratio_fp8_vs_fp32=<two_hop>
     time_ratio_fp8_two_hop_vs_flat_fp32=<…>
-    planned_inter_node_bytes=<parallel/a2a_bytes.py on this routing> measured_inter_node_bytes=<…>
+    per variant: planned_inter_node_bytes=<parallel/a2a_bytes.py on this routing>,
+    measured_inter_node_bytes=<…>; match=<planned == measured, inter- and intra-node, all variants>
 
 On CPU the all-to-alls are memory copies between processes, so time ratios say little about a
 cluster's IB/NVLink; the byte counts are exact.
 
-Measured (2-core shared CPU, --tokens 256 --repeats 3): 2 nodes (M=1): inter-node bytes two_hop/flat
-0.254 (8.50 MB → 2.16 MB), intra-node 6.28 → 10.22 MB; 4 nodes (M=2): 0.503 (12.79 → 6.44 MB);
-FP8 dispatch rows / fp32 rows 0.280 (296 vs 1056 bytes incl. 32 bytes of metadata); time
-two_hop/fp8 vs flat/fp32 0.985 and 0.984; planned = measured inter-node bytes in both.
+Measured (2-core shared CPU, --tokens 256 --repeats 3, forward + backward + split sizes): 2 nodes
+(M=1): inter-node bytes two_hop/flat 0.253 (16.99 MB → 4.30 MB), intra-node 12.56 → 20.38 MB;
+4 nodes (M=2): 0.501 (25.59 → 12.83 MB); two_hop/fp8 inter-node 1.91 MB (2 nodes), 5.70 MB
+(4 nodes); FP8 hop-1 dispatch rows / fp32 rows 0.280 (296 vs 1056 bytes incl. 32 bytes of
+metadata); planned = measured bytes for every variant. Time two_hop/fp8 vs flat/fp32: 1.28 and
+1.41 (first run), 1.17 and 1.47 (second) — on a CPU shared by other jobs (load average 13–21 on
+2 cores), where the FP8 quantise/dequantise is emulated in fp32: not a statement about a cluster.
 """
 from __future__ import annotations
 
@@ -43,9 +48,10 @@ def _bench(rank: int, world: int, tokens: int, repeats: int, gpus_per_node: int)
     from model.config import ModelConfig
     from model.moe import MoE
     from model.wire import resolve_wire
-    from parallel.a2a_bytes import two_hop_forward_bytes
+    from parallel.a2a_bytes import flat_bytes, two_hop_bytes
     from parallel.dispatch import apply_expert_parallel
     from parallel.topology import Topology
+    from parallel.two_hop import pair_counts
 
     n_nodes = world // gpus_per_node
     cfg = ModelConfig(dim=256, moe_inter_dim=128, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
@@ -74,21 +80,31 @@ def _bench(rank: int, world: int, tokens: int, repeats: int, gpus_per_node: int)
             dist.barrier()
             times.append(time.perf_counter() - t0)
             stats = disp.reset_stats()
-        tot = torch.tensor([stats["a2a_bytes_inter_node"], stats["a2a_bytes_intra_node"],
-                            stats["a2a_bytes_dispatch_inter_node"]], dtype=torch.float64)
+        keys = ("a2a_bytes_inter_node", "a2a_bytes_intra_node", "a2a_bytes_dispatch_inter_node",
+                "a2a_bytes_backward_inter_node", "a2a_bytes_splits")
+        tot = torch.tensor([float(stats[key]) for key in keys], dtype=torch.float64)
         dist.all_reduce(tot)
         out[f"{mode}/{a2a}"] = {"inter": float(tot[0]), "intra": float(tot[1]), "dispatch_inter": float(tot[2]),
-                                "time_s": statistics.median(times[1:])}
-    # the planner's formula on this routing: Σ over tokens of distinct remote destination nodes
+                                "backward_inter": float(tot[3]), "splits": float(tot[4]),
+                                "time_s": statistics.median(times[1:]), "wire": wire}
+    # the planner's formula (parallel/a2a_bytes.py) on this routing: forward + backward + split sizes
     with torch.no_grad():
         _, ids, _ = layer.gate(x.reshape(-1, cfg.dim))
-    nodes = ids // (cfg.n_routed_experts // n_nodes)
-    remote = sum(len(set(r.tolist()) - {topo.ep_node}) for r in nodes)
-    cnt = torch.tensor([float(remote)], dtype=torch.float64)
+    cnt = torch.tensor(pair_counts(ids, cfg.n_routed_experts // world, gpus_per_node, topo.ep_rank),
+                       dtype=torch.float64)
     dist.all_reduce(cnt)
-    planned = two_hop_forward_bytes(float(cnt[0]), 0, 0, cfg.dim, cfg.n_activated_experts, "fp32", "fp32")
-    out["planned_inter"] = planned["dispatch_inter"] + planned["combine_inter"]
-    out["token_nodes"] = float(cnt[0])
+    tn, tg, te, rp, np_ = cnt.tolist()
+    for mode, a2a in VARIANTS:
+        wire = out[f"{mode}/{a2a}"].pop("wire")
+        if mode == "two_hop":
+            p = two_hop_bytes(tn, tg, te, cfg.dim, cfg.n_activated_experts, wire, calls=world, n_nodes=n_nodes,
+                              gpus=gpus_per_node)
+        else:
+            p = flat_bytes(rp, np_, cfg.dim, wire, calls=world, n_local=cfg.n_routed_experts // world,
+                           remote_peers=world - gpus_per_node, node_peers=gpus_per_node - 1)
+        out[f"{mode}/{a2a}"]["planned_inter"] = p["inter"]
+        out[f"{mode}/{a2a}"]["planned_intra"] = p["intra"]
+    out["token_nodes"], out["remote_pairs"] = tn, rp
     return out
 
 
@@ -106,13 +122,17 @@ def main() -> None:
         for v in (f"{m}/{d}" for m, d in VARIANTS):
             s = r[v]
             print(f"nodes={n_nodes} variant={v} inter_node_bytes={s['inter']:.0f} intra_node_bytes={s['intra']:.0f} "
+                  f"(of which backward inter {s['backward_inter']:.0f}, split sizes {s['splits']:.0f}) "
                   f"time_s={s['time_s']:.4f}")
         flat, two, fp8 = r["flat/fp32"], r["two_hop/fp32"], r["two_hop/fp8"]
         print(f"nodes={n_nodes} inter_node_bytes_ratio={two['inter'] / flat['inter']:.4f} "
               f"dispatch_bytes_ratio_fp8_vs_fp32={fp8['dispatch_inter'] / two['dispatch_inter']:.4f} "
               f"time_ratio_fp8_two_hop_vs_flat_fp32={fp8['time_s'] / flat['time_s']:.3f}")
-        print(f"nodes={n_nodes} token_remote_nodes={r['token_nodes']:.0f} planned_inter_node_bytes={r['planned_inter']:.0f} "
-              f"measured_inter_node_bytes={two['inter']:.0f} match={r['planned_inter'] == two['inter']}", flush=True)
+        print(f"nodes={n_nodes} token_remote_nodes={r['token_nodes']:.0f} token_remote_experts={r['remote_pairs']:.0f} "
+              + " ".join(f"{v}:planned_inter_node_bytes={r[v]['planned_inter']:.0f},"
+                         f"measured_inter_node_bytes={r[v]['inter']:.0f}" for v in r if "/" in v)
+              + " match=" + str(all(r[v]["planned_inter"] == r[v]["inter"] and r[v]["planned_intra"] == r[v]["intra"]
+                                    for v in r if "/" in v)), flush=True)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,9 @@ def _bench(rank: int, world: int, a: dict) -> dict:
         reps = a["repeats"]
         results[name] = {
             "t_ours": statistics.median(t_ours), "t_ds": statistics.median(t_ds),
-            "ours_bytes": (st["a2a_bytes_intra_node"] + st["a2a_bytes_inter_node"]) / reps,
+            # forward rows only (the counters also hold the backward rows and the split sizes)
+            "ours_bytes": (st["a2a_bytes_intra_node"] + st["a2a_bytes_inter_node"] - st["a2a_bytes_splits"]
+                           - st["a2a_bytes_backward_intra_node"] - st["a2a_bytes_backward_inter_node"]) / reps,
             "ours_a2a_s": st["a2a_seconds"] / reps,
             "ds_capacity": statistics.median(ds_capacity),
             "max_over_mean_load": float(load.max() / load.mean()),

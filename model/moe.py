@@ -8,6 +8,7 @@ Both share `permute_by_expert` and `combine_topk`, so they sum in the same order
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -169,14 +170,19 @@ def node_partials_sum(y: torch.Tensor, weights: torch.Tensor, node_of: torch.Ten
 class LocalDispatcher:
     """All experts live in this process: permute, grouped expert compute, combine.
 
-    With a rounding `wire` (model/wire.py), the rows and the results are rounded where an EP
-    layout would send them: each token's dispatch row once (an FP8 row feeds the experts as is),
-    each expert output, and — under `two_hop` — each node's partial sum (`n_nodes` nodes), so one
-    process computes the same forward values as the EP dispatchers (parallel/dispatch.py,
-    parallel/two_hop.py) with that wire and node count."""
+    With a rounding `wire` (model/wire.py), values and gradients are rounded where an EP layout
+    would send them, so that one process computes what the EP dispatchers (parallel/dispatch.py,
+    parallel/two_hop.py) compute with that wire, node count and GPUs per node. Forward: each
+    token's dispatch row once (an FP8 row feeds the experts as is), each expert output, and —
+    under `two_hop` — each node's partial sum. Backward (the gradient rows the reverse exchanges
+    send): flat rounds each (token, expert) pair's input gradient; two_hop rounds each (token,
+    GPU) sum (hop 2 back) and each (token, node) sum (hop 1 back), summing in the same order.
+    `n_nodes` × `gpus_per_node` GPUs hold the experts in equal consecutive blocks (gpus_per_node
+    is capped to divide a node's experts)."""
 
-    def __init__(self, wire: Wire = FP32, two_hop: bool = False, n_nodes: int = 1):
+    def __init__(self, wire: Wire = FP32, two_hop: bool = False, n_nodes: int = 1, gpus_per_node: int = 1):
         self.wire, self.two_hop, self.n_nodes = wire, two_hop, n_nodes
+        self.gpus_per_node = max(1, gpus_per_node)
 
     def __call__(self, x, ids, weights, experts: Experts):
         order, counts = permute_by_expert(ids, experts.n_local)
@@ -185,9 +191,9 @@ class LocalDispatcher:
             y_sorted = experts(x[order // k], counts.tolist())
             return combine_topk(y_sorted, inverse_permutation(order), weights)
         wire = self.wire
-        xd, tiles = encode_rows(x, wire.dispatch, wire.backward)
+        xd, tiles = encode_rows(x, wire.dispatch, "fp32")  # gradients are rounded per exchange row below
         rows = order // k
-        y_sorted = experts(xd.index_select(0, rows), counts.tolist(), take_rows(tiles, rows))
+        y_sorted = experts(self._pair_rows(xd, ids, order, experts.n_local), counts.tolist(), take_rows(tiles, rows))
         y_sorted = round_trip(y_sorted, wire.combine, wire.backward)
         inv = inverse_permutation(order)
         if not self.two_hop:
@@ -196,6 +202,31 @@ class LocalDispatcher:
         node_of = ids // (experts.n_local // self.n_nodes)
         weights = round_trip(weights, "fp32", wire.backward)  # they travel with hop 1: their grads come back
         return node_partials_sum(y, weights, node_of, self.n_nodes, wire.combine, wire.backward)
+
+    def _pair_rows(self, xd: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, n_experts: int) -> torch.Tensor:
+        """xd's rows for the (token, expert) pairs in `order` (values unchanged), whose gradients
+        are rounded to wire.backward as the EP backward exchanges round them."""
+        bwd, k = self.wire.backward, ids.shape[1]
+        if not self.two_hop:  # flat: one exchange row per pair
+            return round_trip(xd.index_select(0, order // k), "fp32", bwd)
+        per_node = n_experts // self.n_nodes
+        gpus = math.gcd(self.gpus_per_node, per_node)
+        n = ids.shape[0]
+        node_of, gpu_of = ids // per_node, ids // (per_node // gpus)  # gpu: global index node·gpus + l
+        # hop 1: one row per (token, node), ordered by node then token (as two_hop sends them)
+        hit = torch.zeros(n, self.n_nodes, dtype=torch.bool, device=ids.device).scatter_(1, node_of, True)
+        node1, tok1 = hit.t().nonzero().unbind(1)
+        x1 = round_trip(xd.index_select(0, tok1), "fp32", bwd)
+        at1 = torch.zeros(n, self.n_nodes, dtype=torch.long, device=ids.device)
+        at1[tok1, node1] = torch.arange(tok1.numel(), device=ids.device)
+        # hop 2: one row per (token, GPU), ordered by GPU then token
+        hit = torch.zeros(n, self.n_nodes * gpus, dtype=torch.bool, device=ids.device).scatter_(1, gpu_of, True)
+        gpu2, tok2 = hit.t().nonzero().unbind(1)
+        x2 = round_trip(x1.index_select(0, at1[tok2, gpu2 // gpus]), "fp32", bwd)
+        at2 = torch.zeros(n, self.n_nodes * gpus, dtype=torch.long, device=ids.device)
+        at2[tok2, gpu2] = torch.arange(tok2.numel(), device=ids.device)
+        tok, slot = order // k, order % k
+        return x2.index_select(0, at2[tok, gpu_of[tok, slot]])
 
 
 def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ only after it); the backward exchange is synchronous.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -35,25 +35,33 @@ class Route:
     me: int  # this rank's index in the group
     remote: list[bool]  # per peer: the link crosses nodes
     bwd: str = "fp32"  # format of the gradients sent back
-    bytes_sent: dict = field(default_factory=lambda: {"inter": 0, "intra": 0})
+    stats: Optional["ExchangeStats"] = None  # where the collectives of this route are counted
+    kind: str = "dispatch"  # dispatch | combine (which counters its forward bytes feed)
 
     def reverse(self) -> "Route":
-        return Route(self.recv, self.send, self.group, self.me, self.remote, self.bwd)
-
-    def account(self, row_bytes: int) -> None:
-        for p, n in enumerate(self.send):
-            if p != self.me:
-                self.bytes_sent["inter" if self.remote[p] else "intra"] += n * row_bytes
+        return Route(self.recv, self.send, self.group, self.me, self.remote, self.bwd, self.stats, self.kind)
 
 
 class ExchangeStats:
     """The all-to-all counters a dispatcher keeps (read and zeroed per step by the trainer through
-    reset_stats): bytes this rank sent over intra-/inter-node links (all exchanges, and the
-    dispatch ones alone), rows sent to other ranks, dispatch calls and host seconds. Nothing is
-    counted during activation recomputation, which sends nothing new."""
+    reset_stats). `_count` is the ONE place they grow, called by every collective this module
+    issues (`exchange_counts` and the row exchanges of `exchange`, forward and backward):
+
+      a2a_bytes_inter_node / a2a_bytes_intra_node: every byte this rank SENT to another rank of
+        another node / of its own node: rows (payload + per-row metadata as packed) of the
+        forward exchanges, of the backward exchanges (gradients in the backward format) and the
+        split sizes (int64 counts) exchanged before them. Rows for this rank itself are copied,
+        not sent. An activation recompute re-runs the forward exchanges: they count again.
+      a2a_bytes_dispatch_*: the forward dispatch rows alone; a2a_bytes_backward_*: the backward
+        rows alone; a2a_bytes_splits: the split-size messages alone (both link kinds).
+      a2a_rows_sent: rows sent to other ranks (every row exchange); a2a_calls: all-to-all
+        collectives issued (split sizes and rows, forward and backward; a one-rank group issues
+        none); a2a_seconds: host seconds of the forward dispatch/combine (not during recompute).
+    """
 
     KEYS = ("a2a_bytes_intra_node", "a2a_bytes_inter_node", "a2a_bytes_dispatch_inter_node",
-            "a2a_bytes_dispatch_intra_node", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
+            "a2a_bytes_dispatch_intra_node", "a2a_bytes_backward_inter_node", "a2a_bytes_backward_intra_node",
+            "a2a_bytes_splits", "a2a_rows_sent", "a2a_calls", "a2a_seconds")
     stats: dict
 
     def reset_stats(self) -> dict[str, float]:
@@ -67,24 +75,39 @@ class ExchangeStats:
         if not in_recompute():
             self.stats["a2a_seconds"] += dt
 
-    def _count(self, route: "Route", dispatch: bool) -> None:
-        if in_recompute():
-            return
-        st, b = self.stats, route.bytes_sent
-        st["a2a_bytes_inter_node"] += b["inter"]
-        st["a2a_bytes_intra_node"] += b["intra"]
-        if dispatch:
-            st["a2a_bytes_dispatch_inter_node"] += b["inter"]
-            st["a2a_bytes_dispatch_intra_node"] += b["intra"]
-        st["a2a_rows_sent"] += sum(n for p, n in enumerate(route.send) if p != route.me)
+    def _count(self, sent: list[int], me: int, remote: list[bool], what: str, backward: bool = False,
+               rows: int = 0) -> None:
+        """One collective: `sent[p]` bytes to peer p (p == me: not sent); what = dispatch |
+        combine | splits."""
+        st = self.stats
+        inter = sum(b for p, b in enumerate(sent) if p != me and remote[p])
+        intra = sum(b for p, b in enumerate(sent) if p != me and not remote[p])
+        st["a2a_calls"] += 1
+        st["a2a_bytes_inter_node"] += inter
+        st["a2a_bytes_intra_node"] += intra
+        st["a2a_rows_sent"] += rows
+        if what == "splits":
+            st["a2a_bytes_splits"] += inter + intra
+        elif backward:
+            st["a2a_bytes_backward_inter_node"] += inter
+            st["a2a_bytes_backward_intra_node"] += intra
+        elif what == "dispatch":
+            st["a2a_bytes_dispatch_inter_node"] += inter
+            st["a2a_bytes_dispatch_intra_node"] += intra
 
 
-def exchange_counts(counts: torch.Tensor, group: Any) -> torch.Tensor:
-    """counts [peers·c] (int64) → what each peer sends me, same layout (synchronous)."""
+def exchange_counts(counts: torch.Tensor, group: Any, stats: Optional[ExchangeStats] = None,
+                    remote: Optional[list[bool]] = None) -> torch.Tensor:
+    """counts [peers·c] (int64) → what each peer sends me, same layout (synchronous). Counted in
+    `stats` (c int64 to each peer; `remote[p]`: peer p is on another node)."""
     if group is None:
         return counts.clone()
     out = torch.empty_like(counts)
     dist.all_to_all_single(out, counts, group=group)
+    if stats is not None:
+        peers = dist.get_world_size(group)
+        per_peer = counts.numel() // peers * counts.element_size()
+        stats._count([per_peer] * peers, dist.get_rank(group), remote or [False] * peers, "splits")
     return out
 
 
@@ -103,11 +126,15 @@ def _unpack(buf: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _send_bytes(buf: torch.Tensor, route: Route, async_op: bool):
-    """All-to-all of the uint8 rows `buf` (ordered by peer) → (work, finish() → received rows)."""
+def _send_bytes(buf: torch.Tensor, route: Route, async_op: bool, backward: bool = False):
+    """All-to-all of the uint8 rows `buf` (ordered by peer) → (work, finish() → received rows);
+    counted in route.stats (a row costs the packed width: payload + metadata)."""
     if route.group is None:
         return None, lambda: buf
     me = route.me
+    if route.stats is not None:
+        route.stats._count([n * buf.shape[1] for n in route.send], me, route.remote, route.kind, backward,
+                           rows=sum(n for p, n in enumerate(route.send) if p != me))
     chunks = buf.split(route.send)
     send, recv = list(route.send), list(route.recv)
     send[me] = recv[me] = 0
@@ -141,8 +168,6 @@ class _Exchange(torch.autograd.Function):
         fields = list(parts) + ([w.detach().float()] if w is not None else []) + ([ids] if ids is not None else [])
         rows = x.shape[0]
         buf = _pack(fields, rows)
-        if torch._C._current_graph_task_id() == -1:  # not while autograd recomputes a forward
-            route.account(buf.shape[1])
         work, finish = _send_bytes(buf, route, async_op)
         n_out = sum(route.recv)
         x_out = x.new_empty((n_out, x.shape[1]))
@@ -170,7 +195,7 @@ class _Exchange(torch.autograd.Function):
         fields = fx + (list(encode(gw, fmt)) if ctx.has_w else [])
         n_gx = len(fx)
         buf = _pack(fields, gx.shape[0])
-        work, finish = _send_bytes(buf, back, False)
+        work, finish = _send_bytes(buf, back, False, backward=True)
         got = _unpack(finish(), fields)
         dx = decode(tuple(got[:n_gx]), fmt).to(ctx.x_dtype)
         dw = decode(tuple(got[n_gx:]), fmt) if ctx.has_w else None

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, in_recompute,
-                       inverse_permutation, permute_by_expert, take_rows)
+from model.moe import (Dispatcher, Experts, LocalDispatcher, MoE, combine_topk, inverse_permutation,
+                       permute_by_expert, take_rows)
 from model.wire import FP32, Wire, encode, encode_rows
 from parallel.a2a import ExchangeStats, Pending, Route, exchange, exchange_counts
 from parallel.grads import group_size
@@ -105,13 +105,11 @@ class AllToAllDispatcher(ExchangeStats):
     gpus_per_node: a node is that many consecutive EP ranks (for the byte accounting).
     wire: formats of the dispatch / combine rows and of the backward exchanges (model/wire.py).
 
-    `stats` (read and reset per step by the trainer via `reset_stats()`), forward only — the
-    backward moves the same rows again in the opposite direction, in `wire.backward` format:
-      a2a_bytes_intra_node / a2a_bytes_inter_node: bytes this rank SENT (dispatch + combine,
-        payload + metadata, as packed by parallel/a2a.py) to EP ranks on its own node / on other
-        nodes (rows for itself are not sent); a2a_bytes_dispatch_*: the dispatch part.
-      a2a_rows_sent, a2a_calls, a2a_seconds (host wall time from issue to wait; on CUDA only
-        meaningful with synchronous calls).
+    `stats` (read and reset per step by the trainer via `reset_stats()`): parallel/a2a.py's
+    ExchangeStats, counted by the collectives themselves — every byte this rank sent (split
+    sizes, dispatch and combine rows, and the backward's gradient rows) over intra-/inter-node
+    links, and the number of collectives. a2a_seconds: host wall time from issue to wait (on
+    CUDA only meaningful with synchronous calls).
     """
 
     def __init__(self, ep_group: Any, n_experts: int, gpus_per_node: int = 8, wire: Wire = FP32):
@@ -148,7 +146,8 @@ class AllToAllDispatcher(ExchangeStats):
         xd, tiles = encode_rows(x, fmt, "fp32")  # each token encoded once
         x_sorted = xd.index_select(0, rows)
         parts = take_rows(tiles, rows) if tiles is not None else encode(x_sorted, fmt)
-        recv_counts = exchange_counts(counts, self.group if ep > 1 else None)
+        remote = [r // self.gpus_per_node != self.node for r in range(ep)]
+        recv_counts = exchange_counts(counts, self.group if ep > 1 else None, self, remote)
         rc = recv_counts.view(ep, nl)  # [source rank, local expert]
         send_splits = counts.view(ep, nl).sum(1).tolist()
         recv_splits = rc.sum(1).tolist()
@@ -158,12 +157,9 @@ class AllToAllDispatcher(ExchangeStats):
             local_id = torch.arange(nl, device=ids.device).repeat(ep).repeat_interleave(rc.flatten())
             regroup = torch.argsort(local_id, stable=True)
             ungroup = inverse_permutation(regroup)
-        route = Route(send_splits, recv_splits, self.group if ep > 1 else None, self.ep_rank,
-                      [r // self.gpus_per_node != self.node for r in range(ep)], self.wire.backward)
+        route = Route(send_splits, recv_splits, self.group if ep > 1 else None, self.ep_rank, remote,
+                      self.wire.backward, self, "dispatch")
         pending = exchange(x_sorted, parts, fmt, route, async_op=True)
-        self._count(route, dispatch=True)
-        if not in_recompute():
-            self.stats["a2a_calls"] += 1
         state = Dispatched(x=x_sorted, counts=counts_local, x_fp8=None, inv_order=inverse_permutation(order),
                            weights=weights, route=route, regroup=regroup, ungroup=ungroup, t_issue=t0)
         return DispatchHandle(self, pending, state)
@@ -176,8 +172,8 @@ class AllToAllDispatcher(ExchangeStats):
         if d.ungroup is not None:
             y_recv = y_local.index_select(0, d.ungroup)  # undo the regroup
         route = d.route.reverse()
+        route.kind = "combine"
         pending = exchange(y_recv, encode(y_recv, fmt), fmt, route, async_op=True)
-        self._count(route, dispatch=False)
         return CombineHandle(self, pending, d, t0)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: Experts) -> torch.Tensor:

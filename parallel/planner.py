@@ -92,7 +92,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from model.config import RECOMPUTE_MODES, ConfigError, ModelConfig, unknown_keys  # torch-free
 from model.naming import is_expert_param  # torch-free
-from parallel.a2a_bytes import two_hop_forward_bytes  # torch-free
+from parallel.a2a_bytes import two_hop_bytes  # torch-free
 from parallel.activations import DEVICES, ActivationError, activation_table, part_saved_bytes  # torch-free
 from parallel.pipeline import Costs, Kind, ScheduleError, get_schedule, simulate  # torch-free
 
@@ -503,10 +503,12 @@ class ChunkTime:
 
 
 def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, precision: str) -> tuple:
-    """(dispatch, combine) seconds of one MoE layer's two_hop all-to-all of `tokens` tokens per
-    rank: the bytes come from parallel/a2a_bytes.py, the formula the runtime's counts obey."""
+    """(dispatch, combine, backward) seconds of one MoE layer's two_hop all-to-alls of `tokens`
+    tokens per rank (forward dispatch, forward combine, the backward's reverse exchanges; split
+    sizes included): the bytes come from parallel/a2a_bytes.py, the formula the runtime's counts
+    obey."""
     if lay.ep <= 1:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     from model.wire import resolve_wire  # torch-backed (the payload formats)
 
     d, k = cfg.dim, cfg.n_activated_experts
@@ -515,12 +517,13 @@ def _a2a_seconds(cfg, lay: PlanLayout, hw: Hardware, tokens: int, precision: str
     m = min(cfg.max_nodes_per_token or n_nodes, n_nodes)
     remote = m * (1 - 1 / n_nodes) if n_nodes > 1 else 0.0  # expected remote nodes per token
     on_other_gpus = k * (g - 1) / g
-    wire = resolve_wire("auto", precision)
-    b = two_hop_forward_bytes(tokens * remote, tokens * on_other_gpus, tokens * on_other_gpus, d, k,
-                              wire.dispatch, wire.combine)
+    b = two_hop_bytes(tokens * remote, tokens * on_other_gpus, tokens * on_other_gpus, d, k,
+                      resolve_wire("auto", precision), calls=1, n_nodes=n_nodes, gpus=g)
     ib, nvl = hw.ib_gbps * GB, hw.nvlink_gbps * GB
-    return (max(b["dispatch_inter"] / ib, b["dispatch_intra"] / nvl),
-            max(b["combine_inter"] / ib, b["combine_intra"] / nvl))
+    splits = b["splits_inter"] / ib + b["splits_intra"] / nvl
+    return (max(b["dispatch_inter"] / ib, b["dispatch_intra"] / nvl) + splits,
+            max(b["combine_inter"] / ib, b["combine_intra"] / nvl),
+            max(b["backward_inter"] / ib, b["backward_intra"] / nvl))
 
 
 def chunk_time(cfg, parts: List[Part], lay: PlanLayout, recipe: Recipe, hw: Hardware,
@@ -544,9 +547,9 @@ def chunk_time(cfg, parts: List[Part], lay: PlanLayout, recipe: Recipe, hw: Hard
     w = tokens * gemm
     b = tokens * (gemm + 2 * attn + recompute) + w
     n_moe = sum(p.n_moe for p in parts)
-    dispatch, combine = _a2a_seconds(cfg, lay, hw, tokens, recipe.precision)
+    dispatch, combine, backward = _a2a_seconds(cfg, lay, hw, tokens, recipe.precision)
     return ChunkTime(f_comp=f, b_comp=b, w_comp=w, f_comm=n_moe * (dispatch + combine),
-                     b_comm=n_moe * 2 * combine)
+                     b_comm=n_moe * backward)
 
 
 def rank_costs(chunks: Sequence[ChunkTime]) -> Dict[str, float]:

@@ -31,10 +31,25 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from model.moe import Experts, in_recompute, inverse_permutation, take_rows
+from model.moe import Experts, inverse_permutation, take_rows
 from model.wire import FP32, Wire, encode, encode_rows
 from parallel.a2a import ExchangeStats, Pending, Route, exchange, exchange_counts
 
+
+def pair_counts(ids: torch.Tensor, n_local: int, gpus: int, rank: int) -> list[float]:
+    """ids [N, k] of the tokens of EP rank `rank` (nodes of `gpus` ranks, `n_local` experts each)
+    → this source rank's routing as the pair counts of parallel/a2a_bytes.py: two_hop's (token,
+    remote node), (hop-1 row, other GPU of the node than its forwarder), (pair, expert on another
+    GPU than its forwarder); flat's (pair, expert on another node), (pair, other GPU of my node)."""
+    node, local = divmod(rank, gpus)
+    gpu = ids // n_local  # [N, k] EP rank of each pair's expert
+    fwd = (gpu // gpus) * gpus + local  # the forwarding rank on that pair's node
+    token_nodes = sum(len(set(row.tolist()) - {node}) for row in gpu // gpus)
+    token_gpus = sum(len({g for g, f in zip(gr.tolist(), fr.tolist()) if g != f}) for gr, fr in zip(gpu, fwd))
+    token_experts = int((gpu != fwd).sum())
+    remote_pairs = int((gpu // gpus != node).sum())
+    node_pairs = int(((gpu // gpus == node) & (gpu != rank)).sum())
+    return [token_nodes, token_gpus, token_experts, remote_pairs, node_pairs]
 
 
 def _size(group: Any) -> int:
@@ -107,8 +122,9 @@ class TwoHopDispatcher(ExchangeStats):
 
     ep_group: the EP group (rank i owns experts [i·n_local, (i+1)·n_local)); inter_group: the
     ranks with this rank's local index on every node of it; intra_group: this node's ranks.
-    `stats` as AllToAllDispatcher's: bytes this rank SENT in forward (dispatch + combine, payload
-    and metadata) over inter-node / intra-node links, plus the dispatch part of each.
+    `stats`: parallel/a2a.py's ExchangeStats, as AllToAllDispatcher's: every byte this rank sent
+    (split sizes of both hops, dispatch and combine rows with their metadata, backward gradient
+    rows) over inter-node / intra-node links, and the number of collectives.
     """
 
     def __init__(self, ep_group: Any, inter_group: Any, intra_group: Any, n_experts: int,
@@ -158,13 +174,11 @@ class TwoHopDispatcher(ExchangeStats):
         x1 = xd.index_select(0, tok1)
         parts1 = take_rows(tiles, tok1) if tiles is not None else encode(x1, fmt)
         send1 = torch.bincount(node1, minlength=self.n_nodes)
-        recv1 = exchange_counts(send1, self.inter_group)
-        route1 = Route(send1.tolist(), recv1.tolist(), self.inter_group, self.node,
-                       [p != self.node for p in range(self.n_nodes)], self.wire.backward)
+        remote = [p != self.node for p in range(self.n_nodes)]
+        recv1 = exchange_counts(send1, self.inter_group, self, remote)
+        route1 = Route(send1.tolist(), recv1.tolist(), self.inter_group, self.node, remote, self.wire.backward,
+                       self, "dispatch")
         pending = exchange(x1, parts1, fmt, route1, w=w1, ids=meta1, async_op=True)
-        self._count(route1, dispatch=True)
-        if not in_recompute():
-            self.stats["a2a_calls"] += 1
         src = _Source(n, tok1 * self.n_nodes + node1, route1)
         return TwoHopDispatchHandle(self, pending, src, k, t0)
 
@@ -182,12 +196,11 @@ class TwoHopDispatcher(ExchangeStats):
         meta2 = torch.where(on_gpu, meta1.index_select(0, row2) - (gpu2 * self.n_local).unsqueeze(1).to(meta1.dtype),
                             torch.full_like(meta1.index_select(0, row2), -1))
         send2 = torch.bincount(gpu2, minlength=self.gpus)
-        recv2 = exchange_counts(send2, self.intra_group)
+        recv2 = exchange_counts(send2, self.intra_group, self)
         route2 = Route(send2.tolist(), recv2.tolist(), self.intra_group, self.local,
-                       [False] * self.gpus, self.wire.backward)
+                       [False] * self.gpus, self.wire.backward, self, "dispatch")
         x2_send = x1.index_select(0, row2)
         got = exchange(x2_send, take_rows(parts1, row2), fmt, route2, ids=meta2).wait()
-        self._count(route2, dispatch=True)
         x2, _, parts2, meta2r = got
         # the pairs this rank will send back, in the order the forwarder expects them: per row, slots ascending
         pos = on_gpu.nonzero()  # (sent row2 index, slot) — the forwarder's view
@@ -206,8 +219,9 @@ class TwoHopDispatcher(ExchangeStats):
         pairs_back = torch.zeros(self.gpus, dtype=torch.long).index_add_(
             0, gpu2.cpu(), on_gpu.sum(1).long().cpu())
         back = Route(pairs_from.tolist(), pairs_back.tolist(), self.intra_group, self.local,
-                     [False] * self.gpus, self.wire.backward)
-        d = TwoHopDispatched(x=x2.index_select(0, rows), counts=counts, x_fp8=take_rows(parts2, rows),
+                     [False] * self.gpus, self.wire.backward, self, "combine")
+        x_fp8 = take_rows(parts2, rows) if fmt == "fp8" else None  # else the experts quantise (FP8 experts)
+        d = TwoHopDispatched(x=x2.index_select(0, rows), counts=counts, x_fp8=x_fp8,
                              src=src, fwd=fwd, order=order, route2_back=back, t_issue=t0)
         self._add_time(time.perf_counter() - t0)
         return d
@@ -218,10 +232,7 @@ class TwoHopDispatcher(ExchangeStats):
         t0 = time.perf_counter()
         fmt = self.wire.combine
         y_pairs = y_local.index_select(0, inverse_permutation(d.order))
-        route = Route(list(d.route2_back.send), list(d.route2_back.recv), self.intra_group, self.local,
-                      [False] * self.gpus, self.wire.backward)
-        pending = exchange(y_pairs, encode(y_pairs, fmt), fmt, route, async_op=True)
-        self._count(route, dispatch=False)
+        pending = exchange(y_pairs, encode(y_pairs, fmt), fmt, d.route2_back, async_op=True)
         return TwoHopCombineHandle(self, pending, d, t0)
 
     def _combine_hop1(self, pending: Pending, d: TwoHopDispatched, t0: float) -> torch.Tensor:
@@ -233,8 +244,8 @@ class TwoHopDispatcher(ExchangeStats):
         dense = y_back.new_zeros(r1 * k, dim).index_copy(0, d.fwd.pair1, y_back)
         partial = (dense.view(r1, k, dim) * w1.unsqueeze(-1)).sum(dim=1)  # slot order, as combine_topk
         r = d.src.route1.reverse()
+        r.kind = "combine"
         got = exchange(partial, encode(partial, fmt), fmt, r).wait()
-        self._count(r, dispatch=False)
         n = d.src.n_tokens
         out = got[0].new_zeros(n * self.n_nodes, dim).index_copy(0, d.src.slot1, got[0])
         self._add_time(time.perf_counter() - t0)

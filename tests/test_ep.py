@@ -16,7 +16,8 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.moe import MoE
-from parallel.a2a_bytes import flat_inter_node_bytes
+from model.wire import FP32
+from parallel.a2a_bytes import flat_bytes
 from parallel.dispatch import AllToAllDispatcher, global_expert_load, shard_experts
 from parallel.grads import allreduce_gradients
 from parallel.testing import run_distributed
@@ -107,13 +108,19 @@ def _check_layer(topo: Topology, cfg: ModelConfig, bsz: list[int], seq: int = 4,
     st = disp.reset_stats()
     # rows for this rank itself never enter the collective
     mine = topo.ep_rank
-    exp_intra = sum((send[q] + recv[q]) * row for q in range(topo.ep) if node[q] == topo.ep_node and q != mine)
-    exp_inter = sum((send[q] + recv[q]) * row for q in range(topo.ep) if node[q] != topo.ep_node)
+    # to each other rank q: dispatch rows send[q] and combine rows recv[q], forward and again
+    # backward (the gradients, fp32 here), plus n_local int64 split sizes before the dispatch
+    splits = nl * 8
+    exp_intra = sum(2 * (send[q] + recv[q]) * row + splits for q in range(topo.ep)
+                    if node[q] == topo.ep_node and q != mine)
+    exp_inter = sum(2 * (send[q] + recv[q]) * row + splits for q in range(topo.ep) if node[q] != topo.ep_node)
     assert st["a2a_bytes_intra_node"] == exp_intra, (st, exp_intra)
     assert st["a2a_bytes_inter_node"] == exp_inter, (st, exp_inter)
     assert st["a2a_bytes_intra_node"] + st["a2a_bytes_inter_node"] == \
-        (bsz[me] * seq * k + sum(recv) - send[mine] - recv[mine]) * row
-    assert st["a2a_calls"] == 1 and disp.stats["a2a_calls"] == 0  # reset
+        2 * (bsz[me] * seq * k + sum(recv) - send[mine] - recv[mine]) * row + (topo.ep - 1) * splits
+    assert st["a2a_bytes_splits"] == (topo.ep - 1) * splits
+    # split sizes, dispatch, combine; backward: combine's and dispatch's reverse exchanges
+    assert st["a2a_calls"] == 5 and disp.stats["a2a_calls"] == 0  # reset
     return {"stats": st, "ids": per_rank[me], "recv": sum(recv)}
 
 
@@ -148,7 +155,10 @@ def _four_ranks(rank, world):
     remote = int((nodes != topo.ep_node).sum())
     tot = torch.tensor([st["a2a_bytes_inter_node"], remote], dtype=torch.float64)
     dist.all_reduce(tot)
-    assert tot[0] == flat_inter_node_bytes(tot[1], cfg.dim, "fp32", "fp32") and tot[0] > 0
+    calls = topo.ep  # one MoE call per rank
+    want = flat_bytes(tot[1], 0, cfg.dim, FP32, calls=calls, n_local=cfg.n_routed_experts // topo.ep,
+                      remote_peers=topo.ep - topo.gpus_per_node)
+    assert tot[0] == want["inter"] and tot[0] > 0, (tot, want)
     # without the limit, uneven with an empty rank, everything in one node
     topo1 = Topology.from_env(pp=1, dp=4, ep=4, gpus_per_node=8)
     r = _check_layer(topo1, _cfg(n_expert_groups=1, n_limited_groups=1), bsz=[1, 0, 4, 2])
@@ -257,7 +267,7 @@ def _tiny_model_steps(rank, world):
             o.zero_grad(set_to_none=True)
         losses.append((loss_ref.item(), (mean_loss / 2).item()))
     st = disp.reset_stats()
-    assert st["a2a_calls"] == 3 * 3  # 2 MoE layers + the MTP block, 3 steps
+    assert st["a2a_calls"] == 3 * 3 * 5  # 2 MoE layers + the MTP block, 3 steps; 5 all-to-alls each
     return losses
 
 

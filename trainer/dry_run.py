@@ -79,7 +79,7 @@ def build_rank(cfg, model_cfg: ModelConfig, layout, schedule, split, rank: int):
         topo = Topology(layout.world_size, rank, p.pp, layout.dp, p.ep, p.gpus_per_node, backend="fake")
         modules = build_modules(model_cfg, topo, schedule, split, expert_nodes(cfg, model_cfg, layout),
                                 *expert_dispatch(cfg, model_cfg, layout), device=torch.device("meta"),
-                                numerics=numerics_for(cfg.precision), recompute=cfg.train.recompute)
+                                numerics=numerics_for(cfg.precision), recompute=cfg.train.recompute, gpus_per_node=p.gpus_per_node)
         named = engine_named_parameters(modules, pipelined=schedule is not None)
         # this rank's ZeRO-1 states, allocated on the meta device with the parameters (no memory)
         optimizer = build_optimizer(named, cfg.train, topo, zero=p.zero,

@@ -134,7 +134,8 @@ def plan_stages(cfg, model_cfg: ModelConfig, layout: Layout, n_micro: int):
 
 
 def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: str = "flat", wire: Wire = FP32,
-                  device=None, recompute: str = "none", numerics: Numerics = Numerics()) -> list[DeepSeekV3]:
+                  device=None, recompute: str = "none", numerics: Numerics = Numerics(),
+                  gpus_per_node: int = 1) -> list[DeepSeekV3]:
     """This rank's model as it runs: its stage module(s) (pp > 1) or the whole model, with its
     experts and their dispatcher(s), the node count, the recompute mode and the numerics (weight
     dtype, FP8 switch: trainer.precision.numerics_for); uninitialised, on `device` (None: the
@@ -142,7 +143,7 @@ def build_modules(mcfg: ModelConfig, topo, schedule, split, n_nodes: int, mode: 
     n_experts = mcfg.n_routed_experts
     experts = ExpertPlacement(topo.ep_rank, topo.ep, n_nodes) if topo is not None else ExpertPlacement(n_nodes=n_nodes)
     # every expert in process, rounded as the configured EP layout would send it
-    local = LocalDispatcher(wire, mode == "two_hop", n_nodes)
+    local = LocalDispatcher(wire, mode == "two_hop", n_nodes, gpus_per_node)
     if schedule is None:
         if topo is not None and topo.ep > 1:
             groups = (topo.ep_group, topo.ep_inter_group, topo.ep_intra_group)
@@ -203,7 +204,8 @@ class Trainer:
         cfg, mcfg = self.cfg, self.model_cfg
         torch.manual_seed(cfg.train.seed)
         modules = build_modules(mcfg, self.topo, self.schedule, self.split, self.expert_nodes, self.dispatch_mode,
-                                self.wire, recompute=cfg.train.recompute, numerics=numerics_for(cfg.precision))
+                                self.wire, recompute=cfg.train.recompute, numerics=numerics_for(cfg.precision),
+                                gpus_per_node=cfg.parallel.gpus_per_node)
         for m in modules:
             m.init_weights(cfg.train.seed)  # seeded by global name: any split gives the same values
             m.to(self.device)
