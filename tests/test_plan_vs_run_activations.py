@@ -47,7 +47,7 @@ def planned_saved_bytes(overrides: list[str], world: int) -> int:
     layout = P.PlanLayout(pp=p.pp, dp=world // p.pp, ep=p.ep, world_size=world, schedule=p.schedule)
     recipe = P.Recipe(precision=cfg.precision, recompute=t.recompute, seq_len=t.seq_len, micro_batch=t.micro_batch,
                       global_batch=t.global_batch, device="cpu")
-    out = P.plan(preset_model_cfg("tiny"), layout, recipe)
+    out = P.plan(preset_model_cfg("tiny"), layout, recipe, sensitivity=())
     return out["per_rank"][0]["saved_activation_bytes"]
 
 
