@@ -173,18 +173,25 @@ def test_fp32_checkpoint_into_bf16_is_a_named_error(tmp_path):
 
 # ------------------------------------------------------------------ layouts, to the measured floor
 # DualPipe needs >= 2·pp micro-batches per rank: global batch 16 of micro-batch 1, 4 layers.
-STEPS = 8
+STEPS = 4
 PIPE = ["train.global_batch=16", "train.micro_batch=1", "model.n_layers=4", f"train.steps={STEPS}"]
 DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe"]
 LAYOUTS = [("dp4_ep2", 4, ["parallel.ep=2"]), ("pp2_dp2_ep2_dualpipe", 4, DUALPIPE + ["parallel.ep=2"]),
            ("pp2_dp4_ep4_dualpipe", 8, DUALPIPE + ["parallel.ep=4"])]
-# A layout must stay within FACTOR × the floor. On the runs behind this test (8 steps) the floor was
-# loss 2.7e-5 / grad norm 8.9e-4 (bf16), and the layouts reached at most 2.4× it: their expert
-# all-to-all backward carries BF16 (parallel.a2a_dtype=auto) and sums in another grouping than the
-# single process's emulation, which moves step 1's gradients by ~6e-7 where micro-batching moves
-# them by ~3e-11; after that the drift is the same chaotic amplification. Factor 3 as for the fp8
-# two-hop test (tests/test_layouts.py).
-FACTOR = 3
+# What one process and an EP layout can share, they do: the same BF16 weights and master updates,
+# and the one-process dispatcher rounds the all-to-all payloads (forward and backward) exactly where
+# the EP exchanges do. So under bf16 a layout equals one process to fp32 round-off while routing is
+# unchanged (measured, steps 1-2: loss <= 4e-9, grad norm <= 3e-7 relative), and over the 4 steps it
+# stays inside the floor (one process vs one process with micro-batch 2; measured: floor loss
+# 1.3e-6 / grad norm 5.3e-5, layouts at most 1.1e-6 / 4.5e-5). Under fp8 an EP rank's expert GEMMs
+# see tokens of all DP ranks' micro-batches, so the FP8 weight-gradient tiles (128 tokens) group
+# other tokens than in one process: step 1's grad norm already differs by ~1.2e-4 (as micro-batch 2
+# does), and over 4 steps the layouts measured 1.5e-4 / 1.7e-3 against a floor of 9.0e-5 / 7.4e-4
+# (each floor is one sample of a chaotic process: tests/test_layouts.py's fp8 tests show seeds
+# where EP sits below it). Hence: bf16 tight for 2 steps and <= floor after; fp8 step-1 loss tight
+# and <= FP8_FACTOR x floor after.
+TIGHT = {"bf16": dict(steps=2, loss=1e-6, grad_norm=1e-5), "fp8": dict(steps=1, loss=1e-6, grad_norm=None)}
+FACTOR = {"bf16": 1.0, "fp8": 3.0}
 
 
 def _run(run_dir, nproc, args, timeout=900):
@@ -210,41 +217,44 @@ def floors(tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("precision", LOW)
 def test_layouts_match_one_process_to_the_measured_floor(floors, tmp_path, precision):
     ref, floor = floors[precision]
     assert floor["loss"] > 0, "micro-batching changed nothing: no floor to measure"
+    tight = TIGHT[precision]
     for name, nproc, args in LAYOUTS:
         rows = _run(tmp_path / name, nproc, [f"precision={precision}"] + args)
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-        assert rows[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)  # step 1: the same weights
+        for r, q in zip(rows[:tight["steps"]], ref):  # same weights, same rounding: fp32 round-off
+            assert r["loss"] == pytest.approx(q["loss"], rel=tight["loss"]), (name, r["step"])
+            if tight["grad_norm"]:
+                assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=tight["grad_norm"]), (name, r["step"])
         for key in ("loss", "grad_norm"):
             err = _worst(rows, ref, key)
             print(f"{precision} {name} {key}: worst rel. diff {err:.2e}, floor {floor[key]:.2e}")
-            assert err <= FACTOR * floor[key], (name, key, err, floor[key])
+            assert err <= FACTOR[precision] * floor[key], (name, key, err, floor[key])
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_bf16_checkpoint_reshards_and_resumes_bit_identically(floors, tmp_path):
-    """Save at dp2×ep2 (bf16) after 4 of 8 steps; resume at the same layout (steps 5-8 bit-identical
-    to the uninterrupted run), at dp4×ep4 and at one process (steps 5-8 within the floor of the
+    """Save at dp2×ep2 (bf16) after 2 of 4 steps; resume at the same layout (steps 3-4 bit-identical
+    to the uninterrupted run), at dp4×ep4 and at one process (steps 3-4 within the floor of the
     uninterrupted one-process run)."""
     ref, floor = floors["bf16"]
     bf16 = ["precision=bf16"]
-    whole = _run(tmp_path / "dp2_ep2", 2, bf16 + ["parallel.ep=2", "checkpoint.every=4"])
-    step4 = tmp_path / "dp2_ep2" / "checkpoints" / "step_4"
-    assert (step4 / "meta.json").exists()
-    same = _run(tmp_path / "same", 2, bf16 + ["parallel.ep=2", f"checkpoint.resume={step4}"])
-    assert [r["step"] for r in same] == [5, 6, 7, 8]
-    for a, b in zip(whole[4:], same):
+    half = STEPS // 2
+    whole = _run(tmp_path / "dp2_ep2", 2, bf16 + ["parallel.ep=2", f"checkpoint.every={half}"])
+    saved = tmp_path / "dp2_ep2" / "checkpoints" / f"step_{half}"
+    assert (saved / "meta.json").exists()
+    same = _run(tmp_path / "same", 2, bf16 + ["parallel.ep=2", f"checkpoint.resume={saved}"])
+    assert [r["step"] for r in same] == list(range(half + 1, STEPS + 1))
+    for a, b in zip(whole[half:], same):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
     for name, nproc, args in [("dp4_ep4", 4, ["parallel.ep=4"]), ("single", 1, [])]:
-        rows = _run(tmp_path / name, nproc, bf16 + args + [f"checkpoint.resume={step4}"])
-        assert [r["step"] for r in rows] == [5, 6, 7, 8]
+        rows = _run(tmp_path / name, nproc, bf16 + args + [f"checkpoint.resume={saved}"])
+        assert [r["step"] for r in rows] == list(range(half + 1, STEPS + 1))
         for key in ("loss", "grad_norm"):
-            err = _worst(rows, ref[4:], key)
+            err = _worst(rows, ref[half:], key)
             print(f"bf16 resume at {name} {key}: worst rel. diff {err:.2e}, floor {floor[key]:.2e}")
-            assert err <= FACTOR * floor[key], (name, key, err, floor[key])
+            assert err <= floor[key], (name, key, err, floor[key])
