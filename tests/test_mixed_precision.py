@@ -10,7 +10,6 @@ later step reads, so the runs drift apart chaotically at that floor."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -4,13 +4,15 @@ run and their max and min over all ranks, as metrics.jsonl reports them — ZeRO
 planner and the optimizer share one partition (parallel/partition.zero_partition)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
 from model.config import ModelConfig
 from parallel import planner as P
 
-from tests.helpers import compose, read_metrics, run_cli
+from tests.helpers import TINY, compose, read_metrics, run_cli
 
 
 def _tiny_cfg() -> ModelConfig:
@@ -35,43 +37,66 @@ def test_zero_partition_is_balanced_and_covers_every_element(numels, group):
 
 
 # ----------------------------------------------------------------------------- real runs
-# (id, nproc, overrides, layout); DualPipe needs >= 2·pp micro-batches per rank
+# (id, nproc, overrides, layout); DualPipe needs >= 2·pp micro-batches per rank. Every precision
+# on dp4×ep2, pp2×dp2×ep2 DualPipe and pp2×dp4×ep4 DualPipe (8 processes), each recompute mode
+# somewhere; plus one process and a run without ZeRO.
 DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe", "train.micro_batch=1"]
-RUNS = [
-    ("single", 1, [], dict(pp=1, dp=1, ep=1)),
-    ("dp2_ep2_nozero", 2, ["parallel.ep=2", "parallel.zero=false"], dict(pp=1, dp=2, ep=2)),
-    ("dp4_ep2", 4, ["parallel.ep=2"], dict(pp=1, dp=4, ep=2)),
-    ("dp4_ep2_fp8", 4, ["parallel.ep=2", "precision=fp8"], dict(pp=1, dp=4, ep=2)),
-    ("pp2_dp2_ep2_dualpipe", 4, DUALPIPE + ["parallel.ep=2"], dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
-    ("pp2_dp2_ep2_dualpipe_fp8", 4, DUALPIPE + ["parallel.ep=2", "precision=fp8", "optim.moment_dtype=fp32"],
-     dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
-    ("pp2_dp4_ep4_dualpipe_fp8", 8, DUALPIPE + ["parallel.ep=4", "precision=fp8", "train.global_batch=16"],
-     dict(pp=2, dp=4, ep=4, schedule="dualpipe")),
-    ("dp4_ep2_bf16", 4, ["parallel.ep=2", "precision=bf16"], dict(pp=1, dp=4, ep=2)),
-    ("pp2_dp2_ep2_dualpipe_bf16", 4, DUALPIPE + ["parallel.ep=2", "precision=bf16"],
-     dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
-]
+DP4_EP2 = (4, ["parallel.ep=2"], dict(pp=1, dp=4, ep=2))
+PP2_DP2_EP2 = (4, DUALPIPE + ["parallel.ep=2"], dict(pp=2, dp=2, ep=2, schedule="dualpipe"))
+PP2_DP4_EP4 = (8, DUALPIPE + ["parallel.ep=4", "train.global_batch=16"], dict(pp=2, dp=4, ep=4, schedule="dualpipe"))
+RECOMPUTE = {"fp32": "none", "bf16": "norm_and_up_proj", "fp8": "norm_and_up_proj"}
+RUNS = [("single", 1, [], dict(pp=1, dp=1, ep=1)),
+        ("dp2_ep2_nozero", 2, ["parallel.ep=2", "parallel.zero=false"], dict(pp=1, dp=2, ep=2)),
+        ("pp2_dp2_ep2_dualpipe_fp8_fp32_moments_full", 4,
+         PP2_DP2_EP2[1] + ["precision=fp8", "optim.moment_dtype=fp32", "train.recompute=full"], PP2_DP2_EP2[2])]
+for _precision in ("fp32", "bf16", "fp8"):
+    for _name, (_n, _over, _lay) in {"dp4_ep2": DP4_EP2, "pp2_dp2_ep2_dualpipe": PP2_DP2_EP2,
+                                     "pp2_dp4_ep4_dualpipe": PP2_DP4_EP4}.items():
+        RUNS.append((f"{_name}_{_precision}", _n,
+                     _over + [f"precision={_precision}", f"train.recompute={RECOMPUTE[_precision]}"], _lay))
+
+
+def _value(overrides: list[str], key: str, default: str) -> str:
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), default)
 
 
 @pytest.mark.parametrize("nproc,overrides,layout", [r[1:] for r in RUNS], ids=[r[0] for r in RUNS])
 def test_planned_bytes_equal_run(tmp_path, nproc, overrides, layout):
-    """Rank 0's param/grad/optimizer bytes and their max and min over all ranks equal the plan of
-    the run's precision: fp32 = FP32 weights, grads and moments; bf16/fp8 = BF16 weights, FP32
-    grads, FP32 master + moments (auto: BF16) in the ZeRO-1 range (the runtime holds exactly that
-    on CPU too: BF16 storage, fp32 compute)."""
+    """EVERY rank's param/grad/optimizer bytes (run.dir/rank_bytes.json) equal predict_rank_bytes
+    for that rank and the run's precision (fp32 = FP32 weights, grads and moments; bf16/fp8 = BF16
+    weights, FP32 grads, FP32 master + moments in optim.moment_dtype (auto: BF16) in the balanced
+    ZeRO-1 range — on CPU too: BF16 storage, fp32 compute), and metrics.jsonl's rank-0 / max / min
+    are those figures; every rank's saved-activation peak is within 5% of launch.plan's figure for
+    its pipeline rank (plan.device=cpu: what these modules save on CPU; the residue is routing — an
+    EP rank holds what its experts received, the plan assumes uniform routing)."""
     zero = "parallel.zero=false" not in overrides
-    precision = next((o.split("=")[1] for o in overrides if o.startswith("precision=")), "fp32")
-    moments = next((o.split("=")[1] for o in overrides if o.startswith("optim.moment_dtype=")),
-                   "fp32" if precision == "fp32" else "bf16")
-    out = run_cli(overrides + ["train.steps=1", f"run.dir={tmp_path}"], nproc=nproc, timeout=300)
+    precision = _value(overrides, "precision", "fp32")
+    moments = _value(overrides, "optim.moment_dtype", "fp32" if precision == "fp32" else "bf16")
+    out = run_cli(overrides + ["train.steps=1", f"run.dir={tmp_path}"], nproc=nproc, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     row = read_metrics(str(tmp_path))[0]
     assert row["step"] == 1
+    with open(tmp_path / "rank_bytes.json") as f:
+        measured = json.load(f)
+    assert [m["rank"] for m in measured] == list(range(nproc))
     preds = [P.predict_rank_bytes(_tiny_cfg(), layout, rank=r, precision=precision, zero=zero, moment_dtype=moments)
              for r in range(nproc)]
     for key in ("param_bytes", "grad_bytes", "optimizer_state_bytes"):
+        assert [m[key] for m in measured] == [p[key] for p in preds], key
         want = [p[key] for p in preds]
         assert (row[key], row[f"{key}_max"], row[f"{key}_min"]) == (want[0], max(want), min(want)), key
+    cfg = compose(TINY + overrides)
+    recipe = P.Recipe(precision=precision, recompute=cfg.train.recompute, seq_len=cfg.train.seq_len,
+                      micro_batch=cfg.train.micro_batch, global_batch=cfg.train.global_batch, device="cpu")
+    lay = P.PlanLayout(pp=layout["pp"], dp=layout["dp"], ep=layout["ep"], world_size=nproc,
+                       schedule=layout.get("schedule", "1f1b"))
+    planned = P.plan(_tiny_cfg(), lay, recipe, sensitivity=())["per_rank"]
+    for m, p in zip(measured, preds):
+        want = planned[m["rank"] // layout["dp"]]["saved_activation_bytes"]  # rank = pp_rank · dp + dp_rank
+        assert m["saved_activation_bytes"] > 0 and want > 0
+        print(f"rank {m['rank']}: saved activations measured {m['saved_activation_bytes']} planned {want:.0f} "
+              f"ratio {m['saved_activation_bytes'] / want:.4f}")
+        assert abs(m["saved_activation_bytes"] / want - 1) <= 0.05, (m, want)
     if zero and layout["dp"] > 1:  # the state really is sharded, and evenly over a DP group
         full = P.predict_rank_bytes(_tiny_cfg(), layout, rank=0, precision=precision, zero=False, moment_dtype=moments)
         assert preds[0]["optimizer_state_bytes"] < full["optimizer_state_bytes"]

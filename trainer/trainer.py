@@ -7,6 +7,7 @@ every rank and no collective ever starts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -180,6 +181,7 @@ class Trainer:
                 f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's "
                 f"vocabulary data.vocab_size={self.data.vocab_size}")
         self.is_main = self.rank == 0
+        self._rank_bytes_written = False  # run.dir/rank_bytes.json, once per process (_memory_bytes)
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
         self.expected = self._identity()  # written into every checkpoint's meta.json
         self.resume_identity = self._resume_identity()  # what a checkpoint must match to be resumed
@@ -592,15 +594,26 @@ class Trainer:
 
     def _memory_bytes(self) -> dict:
         """param/grad/optimizer-state bytes of this rank (rank 0's are the plain keys) and their
-        max and min over all ranks (one all-reduce: MAX of the values and of their negatives)."""
-        mine = {"param_bytes": self.param_bytes, "grad_bytes": self.optimizer.grad_bytes,
-                "optimizer_state_bytes": self.optimizer.state_bytes()}
-        t = torch.tensor([*mine.values(), *(-v for v in mine.values())], dtype=torch.float64)
+        max and min over all ranks, from one all-gather of every rank's figures. The first step
+        this process logs also writes the whole table to run.dir/rank_bytes.json (global rank →
+        param/grad/optimizer-state/saved-activation bytes): the measured side of launch.plan's
+        per_rank entries, rank by rank."""
+        keys = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "saved_activation_bytes")
+        mine = torch.tensor([self.param_bytes, self.optimizer.grad_bytes, self.optimizer.state_bytes(),
+                             self.activations.peak], dtype=torch.float64)
+        table = [mine]
         if self.topo is not None:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out = dict(mine)
-        for k, (hi, lo) in zip(mine, zip(t[:len(mine)].tolist(), t[len(mine):].tolist())):
-            out[f"{k}_max"], out[f"{k}_min"] = int(hi), int(-lo)
+            table = [torch.empty_like(mine) for _ in range(self.layout.world_size)]
+            dist.all_gather(table, mine)
+        rows = [dict(zip(keys, (int(v) for v in t.tolist()))) for t in table]
+        if self.is_main and not self._rank_bytes_written:
+            os.makedirs(self.cfg.run.dir, exist_ok=True)
+            with open(os.path.join(self.cfg.run.dir, "rank_bytes.json"), "w") as f:
+                json.dump([{"rank": r, **row} for r, row in enumerate(rows)], f)
+            self._rank_bytes_written = True
+        out = {k: rows[self.rank][k] for k in keys[:3]}
+        for k in keys[:3]:
+            out[f"{k}_max"], out[f"{k}_min"] = max(r[k] for r in rows), min(r[k] for r in rows)
         return out
 
     @staticmethod
