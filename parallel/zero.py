@@ -12,7 +12,7 @@ its range: the FP32 master (the parameter itself when the weights are FP32), exp
 exp_avg_sq in `moment_dtype` (updated in FP32, stored rounded); then the updated range, in the
 weights' dtype, is all-gathered to the group's other ranks.
 
-Why our own flat partition and not DeepSpeed's stage-1 optimizer (benchmarks/memory.py compares
+Why our own flat partition and not DeepSpeed's stage-1 optimizer (benchmarks/zero_memory.py compares
 both): its state is a flat buffer of ITS OWN, keyed by buffer position, and it reduces gradients
 from backward hooks it installs, which fights DualPipe's split backward (input-grad now,
 weight-grad later) and the stage-pair gradient sum; its checkpoints reshard only through its own

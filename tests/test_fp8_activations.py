@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.fp8 import FP8_DTYPE, fp8_linear, fp8_saved_input_bytes, quantize_act
 from model.moe import Experts

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import REPO_ROOT, compose, read_metrics, run_cli, train_in_process
+from tests.helpers import REPO_ROOT, compose, run_cli, train_in_process
 from trainer.checkpoint import CheckpointError
 
 

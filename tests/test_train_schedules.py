@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import ConfigError
-from tests.helpers import compose, read_metrics, run_cli, tiny_model_cfg, train_in_process
+from tests.helpers import compose, read_metrics, run_cli, train_in_process
 from trainer.schedules import BatchRamp, Schedules
 
 
