@@ -317,15 +317,17 @@ def _hang_on_rank0(rank, world):
     if rank == 0:
         import time
 
-        time.sleep(60)
+        time.sleep(120)
     return rank
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_runner_reports_rank_error_and_timeout():
     from parallel.testing import DistributedTestError, DistributedTestTimeout
 
     with pytest.raises(DistributedTestError, match="(?s)rank 1 of 2 failed.*boom from rank 1"):
         run_distributed(_raise_on_rank1, 2, timeout=30)
     with pytest.raises(DistributedTestTimeout, match=r"ranks \[0\] did not finish"):
-        run_distributed(_hang_on_rank0, 2, timeout=8)
+        # 20 s: long enough for rank 1 to start (import torch, join gloo) and finish on a loaded
+        # 2-core machine (8 s was not: "ranks [0, 1] did not finish"), far below rank 0's hang
+        run_distributed(_hang_on_rank0, 2, timeout=20)
