@@ -249,7 +249,7 @@ def _plot(out, runs, rel, per_step, seeds, steps, last, extra) -> None:
         if (head, v) in runs:
             rows = runs[head, v]
             m = statistics.fmean(r["loss"] for r in rows[-last:])
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], style, color=COLORS.get(v, "C0"),
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], linestyle=style, color=COLORS.get(v, "C0"),
                     label=f"{v} (last {last}: {m:.4f})")
     ax.set_ylabel("training loss (lm + λ·mtp + aux)")
     ax.set_xlabel("step")
