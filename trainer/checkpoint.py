@@ -309,7 +309,7 @@ def lineage_of(path: str) -> Optional[str]:
         return None
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "timeline.json", "timeline.png")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "rank_bytes.json", "config.yaml", "timeline.json", "timeline.png")
 
 
 def move_aside(run_dir: str) -> str:
