@@ -1,15 +1,25 @@
 """Gradient reduction over the layout, then the global gradient norm and clipping.
 
-Reduction (before the optimizer step; ZeRO-1 relies on full gradients, gloo has no
-reduce-scatter): `sum_over_stage_pair` adds the gradients of parameters that both ranks of a
-pipeline stage pair hold (DualPipe's two stage copies, 1F1B's tied embedding); then
-`allreduce_gradients` turns every gradient into the gradient of the GLOBAL batch-mean loss over
-DP (non-expert) and expert-DP (expert) replicas.
+Reduction (before the optimizer step): `sum_over_stage_pair` adds the gradients of parameters
+that both ranks of a pipeline stage pair hold (DualPipe's two stage copies, 1F1B's tied
+embedding); then the data-parallel reduction turns every gradient into the gradient of the
+GLOBAL batch-mean loss over DP (non-expert) and expert-DP (expert) replicas, in one of two ways
+(`parallel.grad_reduce`):
+- `allreduce_gradients`: every rank gets the whole reduced gradient (gloo's default: its
+  reduce-scatter is no cheaper, and the fp32 numerics of every run stay those of earlier runs);
+- `reduce_scatter_gradients` (auto on NCCL, with ZeRO-1): every rank gets only the range of the
+  reduced gradient its ZeRO-1 optimizer updates (parallel/partition.zero_partition), as Megatron's
+  distributed optimizer does; with the parameter all-gather after the step that is the bytes of
+  ONE all-reduce instead of an all-reduce plus an all-gather. The rest of each gradient is zeroed
+  (never stale): readers that walk whole gradients (norm, clipping, the non-finite check) then see
+  every element of the global gradient exactly once over the DP group.
 
-Norm: each gradient element must be counted exactly once in the norm, whatever the layout:
-non-expert gradients are replicated over DP (count on one copy: they are identical after the
-DP reduction), expert gradients are distinct over EP and replicated over expert-DP, stages are
-distinct over PP. So: Σ expert² is summed over the EP group, then everything over the PP group.
+Norm: each gradient element must be counted exactly once in the norm, whatever the layout. After
+an all-reduce, non-expert gradients are replicated over DP (count on one copy: they are identical),
+expert gradients are distinct over EP and replicated over expert-DP, stages are distinct over PP:
+so Σ expert² is summed over the EP group, then everything over the PP group. After a
+reduce-scatter every element lives on one rank of its DP group: everything is summed over DP, then
+PP.
 
 `grad_of(p)` is the only way code reads a gradient: a BF16 parameter's gradient is the fp32
 `main_grad` that model.mixed.weight accumulates (it never has a `.grad`), an FP32 parameter's is
@@ -17,6 +27,8 @@ its `.grad`.
 """
 from __future__ import annotations
 
+import bisect
+import functools
 import math
 from typing import Any, Iterable, Optional, Union
 
@@ -26,6 +38,11 @@ from torch import nn
 
 from model.mixed import MAIN_GRAD, is_low_precision
 from model.naming import is_expert_param
+from parallel.partition import shard_range
+
+GRAD_REDUCE = ("auto", "all_reduce", "reduce_scatter")
+# torch 2.13 renamed reduce_scatter_tensor (deprecated there) to reduce_scatter_single
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
@@ -138,6 +155,88 @@ def allreduce_gradients(model: Union[nn.Module, Iterable[nn.Module]], topo: Any,
     _coalesced_all_reduce(expert, topo.edp_group, bucket_elems)
 
 
+def resolve_grad_reduce(choice: str, backend: str, zero: bool) -> str:
+    """`parallel.grad_reduce` → all_reduce | reduce_scatter. auto = reduce_scatter on NCCL with
+    ZeRO-1, else all_reduce (gloo; and without ZeRO-1 every rank updates whole parameters)."""
+    if choice not in GRAD_REDUCE:
+        raise ValueError(f"parallel.grad_reduce: expected {'|'.join(GRAD_REDUCE)}, got {choice!r}")
+    if choice == "auto":
+        return "reduce_scatter" if backend == "nccl" and zero else "all_reduce"
+    if choice == "reduce_scatter" and not zero:
+        raise ValueError("parallel.grad_reduce: reduce_scatter needs ZeRO-1 (parallel.zero=true): without it "
+                         "every rank updates whole parameters and needs whole gradients (use all_reduce)")
+    return choice
+
+
+@torch.no_grad()
+def reduce_scatter_gradients(parts: list[tuple[list[nn.Parameter], Any]], topo: Any, *,
+                             bucket_mb: float = 25.0) -> None:
+    """`allreduce_gradients`' result, but each rank keeps only the range of every gradient that
+    its ZeRO-1 optimizer updates; the rest is zeroed.
+
+    parts: (parameters in optimizer order, the group their optimizer state is sharded over, or None
+    when it is not replicated) per ZeRO-1 part, from ShardedAdamW.zero_parts(): the cut is
+    parallel/partition.zero_partition's, the optimizer's own. Scaling as in allreduce_gradients
+    (both parts by 1/dp; expert-DP × EP covers the DP group)."""
+    bucket_elems = max(1, int(bucket_mb * 2**20 / 4))
+    for params, group in parts:
+        grads = [grad_or_zeros(p) for p in params]
+        for g in grads:
+            g.mul_(1.0 / topo.dp)
+        if grads and group_size(group) > 1:
+            _reduce_scatter_flat(grads, group, bucket_elems)
+
+
+def _segments(offsets: list[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(tensor index, first, one past the last) flat elements of the tensors that make up elements
+    lo … hi-1 of their concatenation (`offsets`: where each tensor starts, then the total)."""
+    out = []
+    i = bisect.bisect_right(offsets, lo) - 1
+    while lo < hi:
+        a, b = lo - offsets[i], min(hi, offsets[i + 1]) - offsets[i]
+        if b > a:
+            out.append((i, a, b))
+        lo, i = offsets[i] + b, i + 1
+    return out
+
+
+def _reduce_scatter_flat(grads: list[torch.Tensor], group: Any, bucket_elems: int) -> int:
+    """SUM over `group` of `grads` laid end to end and cut into the group's contiguous ranges
+    (partition.shard_range, as zero_partition cuts them): afterwards this rank's range holds the
+    sum and every other element of `grads` is zero. Bucket k carries the k-th `chunk` elements of
+    every rank's range (zero-padded where a range is shorter), so each rank receives a contiguous
+    piece and no gradient-sized flat copy is ever made. Returns the bytes sent."""
+    size, me = group_size(group), dist.get_rank(group)
+    flats = [g.view(-1) for g in grads]
+    offsets = [0]
+    for f in flats:
+        offsets.append(offsets[-1] + f.numel())
+    ranges = [shard_range(offsets[-1], size, r) for r in range(size)]
+    width = max(hi - lo for lo, hi in ranges)
+    chunk = max(1, min(width, bucket_elems // size))
+    dtype = functools.reduce(torch.promote_types, (f.dtype for f in flats))
+    sent = 0
+    for k in range(0, width, chunk):
+        send = torch.zeros(size, chunk, dtype=dtype, device=flats[0].device)
+        for r, (lo, hi) in enumerate(ranges):
+            pos = 0
+            for i, a, b in _segments(offsets, lo + k, min(hi, lo + k + chunk)):
+                send[r, pos:pos + b - a].copy_(flats[i][a:b])
+                pos += b - a
+        recv = torch.empty(chunk, dtype=dtype, device=send.device)
+        _REDUCE_SCATTER(recv, send.view(-1), group=group)
+        sent += send.numel() * send.element_size()
+        lo, hi = ranges[me]  # only this rank's range is written: later buckets read other elements
+        pos = 0
+        for i, a, b in _segments(offsets, lo + k, min(hi, lo + k + chunk)):
+            flats[i][a:b].copy_(recv[pos:pos + b - a])
+            pos += b - a
+    lo, hi = ranges[me]
+    for i, a, b in _segments(offsets, 0, lo) + _segments(offsets, hi, offsets[-1]):
+        flats[i][a:b].zero_()
+    return sent
+
+
 @torch.no_grad()
 def sum_over_stage_pair(params: list[nn.Parameter], group: Any) -> int:
     """SUM the gradients of `params` (held by both ranks of a pipeline stage pair, in the same
@@ -146,7 +245,10 @@ def sum_over_stage_pair(params: list[nn.Parameter], group: Any) -> int:
     return _all_reduce_flat([grad_or_zeros(p) for p in params], group)
 
 
-def global_grad_norm(named_params, ep_group=None, pp_group=None) -> float:
+def global_grad_norm(named_params, ep_group=None, pp_group=None, dp_group=None) -> float:
+    """L2 norm of the global gradient, each element counted once (see the module docstring).
+    dp_group: given after `reduce_scatter_gradients` (every element on one rank of it, zeros
+    elsewhere): then everything is summed over it instead of the experts over EP."""
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
     for name, p in named_params:
@@ -158,9 +260,14 @@ def global_grad_norm(named_params, ep_group=None, pp_group=None) -> float:
             expert += sq
         else:
             dense += sq
-    if ep_group is not None and dist.get_world_size(ep_group) > 1:
-        dist.all_reduce(expert, group=ep_group)
-    total = dense + expert
+    if dp_group is not None:
+        total = dense + expert
+        if dist.get_world_size(dp_group) > 1:
+            dist.all_reduce(total, group=dp_group)
+    else:
+        if ep_group is not None and dist.get_world_size(ep_group) > 1:
+            dist.all_reduce(expert, group=ep_group)
+        total = dense + expert
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, group=pp_group)
     return math.sqrt(total.item())

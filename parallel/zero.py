@@ -6,9 +6,9 @@ expert-DP group. Each partition is parallel/partition.zero_partition: the part's
 end to end and cut into equal contiguous ranges (within one element), the layout of Megatron's and
 DeepSpeed's flat buffers. The planner calls the same function, so its per-rank bytes are exact.
 
-A step, per part: every rank holds the full gradients (all-reduced beforehand over DP / expert-DP
-by parallel.grads.allreduce_gradients — gloo has no reduce-scatter — so the global norm and clipping see them whole); it updates only
-its range: the FP32 master (the parameter itself when the weights are FP32), exp_avg and
+A step, per part: every rank holds the reduced gradient of at least its range (parallel/grads.py:
+all of it after `allreduce_gradients`, only its range after `reduce_scatter_gradients`, which cuts
+the part's gradients by this same partition, `zero_parts()`); it updates only its range: the FP32 master (the parameter itself when the weights are FP32), exp_avg and
 exp_avg_sq in `moment_dtype` (updated in FP32, stored rounded); then the updated range, in the
 weights' dtype, is all-gathered to the group's other ranks.
 
@@ -224,6 +224,11 @@ class ShardedAdamW:
                     clear_grad(p)
                 elif grad_of(p) is not None:
                     grad_of(p).zero_()
+
+    def zero_parts(self) -> list[tuple[list[torch.nn.Parameter], object]]:
+        """(parameters in partition order, the group their state is sharded over, or None) per
+        part: what parallel.grads.reduce_scatter_gradients cuts exactly as this optimizer does."""
+        return [(part.params, part.group) for part in self.parts]
 
     # --- what this rank holds (for checkpoints and memory accounting)
     def shards(self) -> list[ParamShard]:

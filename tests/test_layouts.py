@@ -45,7 +45,9 @@ def reference(tmp_path_factory):
         ("ep2", 2, ["parallel.ep=2"]),
         ("ep4", 4, ["parallel.ep=4"]),
         # parallel.dispatch=auto → two_hop: the EP group spans several simulated nodes
-        ("dp4_ep2_nodes", 4, ["parallel.ep=2", "parallel.gpus_per_node=1"]),
+        # ... and the gradients reduce-scattered (each rank its ZeRO-1 range; parallel/grads.py)
+        ("dp4_ep2_nodes_reduce_scatter", 4, ["parallel.ep=2", "parallel.gpus_per_node=1",
+                                             "parallel.grad_reduce=reduce_scatter"]),
         ("ep4_two_hop_2nodes", 4, ["parallel.ep=4", "parallel.gpus_per_node=2"]),
         ("ep4_two_hop_4nodes", 4, ["parallel.ep=4", "parallel.gpus_per_node=1"]),
     ],
@@ -89,8 +91,10 @@ def pipe_reference(tmp_path_factory):
         ("pp2_dp2_ep2_dualpipe", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe"]),
         ("pp2_dp2_ep2_1f1b", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=1f1b"]),
         ("pp2_dp2_dualpipev", 4, ["parallel.pp=2", "parallel.schedule=dualpipev"]),
-        ("pp2_dp4_ep4_dualpipe_two_hop", 8, ["parallel.pp=2", "parallel.ep=4", "parallel.schedule=dualpipe",
-                                             "parallel.gpus_per_node=2"]),
+        # reduce-scatter over DP (experts: expert-DP of 1, nothing to reduce); stage-pair norm
+        ("pp2_dp4_ep4_dualpipe_two_hop_reduce_scatter", 8, [
+            "parallel.pp=2", "parallel.ep=4", "parallel.schedule=dualpipe", "parallel.gpus_per_node=2",
+            "parallel.grad_reduce=reduce_scatter"]),
     ],
 )
 def test_pipeline_losses_match_single_process(pipe_reference, tmp_path, name, nproc, args):

@@ -32,6 +32,10 @@ class ParallelConfig:
     a2a_dtype: str = "auto"
     layers_per_stage: Optional[list] = None  # e.g. [2, 3]; None = the planner's split (balanced per rank)
     zero: bool = True  # ZeRO-1: AdamW states sharded over DP (non-expert) and expert-DP (experts)
+    # DP / expert-DP gradient reduction: all_reduce (every rank gets whole gradients) |
+    # reduce_scatter (each rank gets its ZeRO-1 range; needs zero) | auto (reduce_scatter on NCCL
+    # with ZeRO-1, all_reduce on gloo). parallel/grads.py
+    grad_reduce: str = "auto"
     timeout_s: float = 300.0  # collective timeout (a hang becomes an error naming rank and op)
 
 

@@ -52,8 +52,10 @@ class LocalEngine(StageEngine):
     def parameters(self):
         return list(self.model.parameters())
 
-    def grad_norm(self) -> float:
-        return global_grad_norm(self.model.named_parameters(), ep_group=getattr(self.topo, "ep_group", None))
+    def grad_norm(self, sharded: bool = False) -> float:
+        """sharded: the gradients were reduce-scattered (each element on one DP rank)."""
+        return global_grad_norm(self.model.named_parameters(), ep_group=getattr(self.topo, "ep_group", None),
+                                dp_group=self.topo.dp_group if sharded else None)
 
     def expert_loads(self) -> dict[str, torch.Tensor]:
         if self.topo is not None and getattr(self.topo, "dp_group", None) is not None:

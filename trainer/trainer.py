@@ -23,7 +23,7 @@ from model.flops import train_flops_per_token
 from model.moe import ExpertPlacement, LocalDispatcher
 from model.wire import FP32, Wire, resolve_wire
 from parallel.dispatch import build_dispatcher, resolve_dispatch
-from parallel.grads import allreduce_gradients, clip_grads_, count_bytes
+from parallel.grads import allreduce_gradients, clip_grads_, count_bytes, reduce_scatter_gradients, resolve_grad_reduce
 from parallel.pipeline import get_schedule
 from parallel.pipeline.runtime import PipelineEngine
 from parallel.pipeline.stages import build_stage_modules, plan_pipeline, stage_dispatchers
@@ -69,6 +69,10 @@ def validate(cfg, model_cfg: ModelConfig, world_size: int) -> tuple[Layout, int]
     FaultPlan(cfg.debug.faults, rank=0)  # a malformed debug.faults entry is a named error now
     expert_nodes(cfg, model_cfg, layout)
     expert_dispatch(cfg, model_cfg, layout)
+    try:
+        resolve_grad_reduce(cfg.parallel.grad_reduce, "", cfg.parallel.zero)  # the backend only picks auto's way
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     n_micro = t.global_batch // (layout.dp * t.micro_batch)
     if t.microbatches and t.microbatches != n_micro:
         raise ConfigError(
@@ -196,7 +200,14 @@ class Trainer:
             p = cfg.parallel
             self.topo = init_distributed(pp=p.pp, dp=self.layout.dp, ep=p.ep, gpus_per_node=p.gpus_per_node,
                                          timeout_s=p.timeout_s)
+        # gradient reduction over DP / expert-DP: all_reduce | reduce_scatter (parallel/grads.py)
+        self.grad_reduce = resolve_grad_reduce(cfg.parallel.grad_reduce, self.topo.backend if self.topo else "",
+                                               cfg.parallel.zero)
         self._build()
+        if self.topo is not None and self.is_main:  # what the auto settings resolved to, once
+            lay = self.layout
+            print(f"layout: pp {lay.pp} × dp {lay.dp} × ep {lay.ep} ({self.topo.backend}), "
+                  f"expert dispatch {self.dispatch_mode}, gradients {self.grad_reduce}", flush=True)
         group = self.topo.background_group() if (self.topo is not None and cfg.checkpoint.async_save) else None
         self.writer = ckpt.CheckpointWriter(self._ckpt_root(), cfg.checkpoint.keep, self.rank,
                                             async_save=cfg.checkpoint.async_save, group=group)
@@ -484,12 +495,16 @@ class Trainer:
         with self._collective("forward/backward (pipeline p2p, expert all-to-all)", step):
             losses = self.engine.forward_backward(self._micro_batches(self.samples, batch), now["mtp_lambda"])
         self.samples += batch
-        if self.topo is not None:
+        sharded = self.topo is not None and self.grad_reduce == "reduce_scatter"
+        if sharded:  # each rank keeps the reduced range its ZeRO-1 optimizer updates
+            with self._collective("gradient reduce-scatter over DP / expert-DP", step):
+                reduce_scatter_gradients(self.optimizer.zero_parts(), self.topo)
+        elif self.topo is not None:
             with self._collective("gradient all-reduce over DP / expert-DP", step):
                 allreduce_gradients(self.modules, self.topo)
         self._maybe_inject_nonfinite(step + 1)
         with self._collective("grad-norm all-reduce", step):
-            grad_norm = self.engine.grad_norm()
+            grad_norm = self.engine.grad_norm(sharded=sharded)
         with self._collective("non-finite / preemption agreement all-reduce", step):
             verdict = self._agree_on_step(step + 1, losses)
         self.skipped_steps += verdict.nonfinite  # on_nonfinite=skip: no update of any state

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable, Optional
 
 from model.config import PRECISIONS, RECOMPUTE_MODES, ConfigError
+from parallel.grads import GRAD_REDUCE
 from parallel.pipeline import SCHEDULES as _SCHEDULES
 from trainer.step_guard import ON_NONFINITE
 
@@ -201,6 +202,7 @@ RULES: dict[str, Rule] = {
     "parallel.dispatch": one_of("auto", "flat", "two_hop"),
     "parallel.a2a_dtype": one_of("auto", "fp32", "bf16", "fp8"),
     "parallel.zero": TYPED,
+    "parallel.grad_reduce": one_of(*GRAD_REDUCE),
     "parallel.timeout_s": positive(),
     # train.*
     "train.steps": at_least(0, -3),  # 0 only with train.tokens > 0 (trainer.validate)

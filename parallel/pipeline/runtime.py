@@ -181,11 +181,12 @@ class PipelineEngine(StageEngine):
         skip = set(self._shared_names) if partner_pp < self.pp_rank else set()
         return [(n, p) for n, p in self.named_parameters() if n not in skip]
 
-    def grad_norm(self) -> float:
-        """Global L2 norm of the gradients (call after the DP reduction): sums experts over EP and
-        everything over the pipeline group, each element once."""
+    def grad_norm(self, sharded: bool = False) -> float:
+        """Global L2 norm of the gradients (call after the DP reduction): sums experts over EP (or,
+        `sharded` after a reduce-scatter, everything over DP) and everything over the pipeline
+        group, each element once."""
         return global_grad_norm(self.grad_norm_parameters(), ep_group=getattr(self.topo, "ep_group", None),
-                                pp_group=self.topo.pp_group)
+                                pp_group=self.topo.pp_group, dp_group=self.topo.dp_group if sharded else None)
 
     # ------------------------------------------------------------------ MoE bookkeeping
     def expert_loads(self) -> dict[str, torch.Tensor]:
