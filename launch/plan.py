@@ -122,7 +122,13 @@ def _full_table(r: dict, cfg_model) -> str:
     lines += [f"peak memory per rank: {r['peak_memory_per_rank_gb'] * mem_s:.1f} {mem_u} (pipeline rank "
               f"{r['peak_memory_rank']}; {r['hardware']} HBM {r['hbm_gb']:g} GB); that rank by recompute mode: {alt}",
               "(params: the stages a rank holds (DualPipe: both), routed experts / ep; weights, grads, optimizer "
-              "per the precision; activ: in-flight micro-batches (live, per chunk) + one layer's recompute)", ""]
+              "per the precision; activ: in-flight micro-batches (live, per chunk) + one layer's recompute)"]
+    if peak.get("total_gb_runtime_modules") is not None:
+        lines.append(f"activations above are the paper's kernels (fused RMSNorm and attention, FP8-cached "
+                     f"SwiGLU inputs), not yet this runtime's modules: with those, pipeline rank "
+                     f"{r['peak_memory_rank']} would need {peak['total_gb_runtime_modules'] * mem_s:.1f} {mem_u} "
+                     f"(plan.device=cpu plans the modules as they run on CPU)")
+    lines.append("")
     apt = r["activation_bytes_per_token"]
     lines.append("activation bytes kept per token per layer: " + "; ".join(
         f"{m}: MoE {apt[m]['moe'] / 1024:.0f} KiB, dense {apt[m]['dense'] / 1024:.0f} KiB, "

@@ -303,12 +303,13 @@ def _kept(item: ActItem, recompute: str) -> bool:
 
 
 def part_saved_bytes(cfg, kind: str, precision: str, recompute: str, *, micro_batch: int = 1,
-                     seq_len: int = 4096, ep: int = 1, device: str = "cuda") -> Tuple[float, float]:
+                     seq_len: int = 4096, ep: int = 1, device: str = "cuda",
+                     kernels: str = "paper") -> Tuple[float, float]:
     """(bytes one micro-batch leaves saved in this part until its backward, extra bytes the backward
     rematerialises for one layer of it) under `recompute`."""
     if recompute not in RECOMPUTE_MODES:
         raise ActivationError(f"train.recompute: expected one of {RECOMPUTE_MODES}, got {recompute!r}")
-    shape = Shape(precision, device, micro_batch, seq_len, ep)
+    shape = Shape(precision, device, micro_batch, seq_len, ep, kernels)
     items = part_items(cfg, kind, shape)
     every = sum(i.bytes for i in items if _kept(i, "none"))
     kept = sum(i.bytes for i in items if _kept(i, recompute))

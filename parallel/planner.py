@@ -683,20 +683,26 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         rb = _rank_bytes(cfg, lay, counts, r * lay.dp + lay.dp - 1, num, recipe.zero, count_step=False)
         act, live = live_for(r, stage_act)
         transient = max(stage_transient[s] for s in held)
-        alt = {}
-        for mode in RECOMPUTE_MODES:
+        state = rb["param_bytes"] + rb["grad_bytes"] + rb["optimizer_state_bytes"]
+
+        def total_gb(mode: str, kernels: str = "paper") -> float:
+            """This rank's total under recompute `mode` (and, on CUDA, the activation list of `kernels`)."""
             per_stage, trans_m = [], 0.0
             for s, ps in enumerate(stages):
                 tot = 0.0
                 for p in ps:
-                    k_, t_ = part_saved_bytes(cfg, p.kind, recipe.precision, mode, **shape)
+                    k_, t_ = part_saved_bytes(cfg, p.kind, recipe.precision, mode, **shape, kernels=kernels)
                     tot += k_
                     if s in held:
                         trans_m = max(trans_m, t_)
                 per_stage.append(tot)
-            alt[mode] = (live_for(r, per_stage)[0] + trans_m + rb["param_bytes"] + rb["grad_bytes"]
-                         + rb["optimizer_state_bytes"]) / GB
-        total = rb["param_bytes"] + rb["grad_bytes"] + rb["optimizer_state_bytes"] + act + transient
+            return (live_for(r, per_stage)[0] + trans_m + state) / GB
+
+        alt = {mode: total_gb(mode) for mode in RECOMPUTE_MODES}
+        # the paper's kernels (fused norms, FP8-cached SwiGLU inputs) are the CUDA target, not yet
+        # this runtime's modules: what those would need on CUDA, said next to it
+        runtime_gb = total_gb(recipe.recompute, "runtime") if recipe.device == "cuda" else None
+        total = state + act + transient
         ranks.append({
             "rank": r, "stages": list(held), "layers": " | ".join(_layer_range(stages[s]) for s in held),
             "params_b": rb["param_count"] / 1e9,
@@ -709,7 +715,7 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
             "params_gb": rb["param_bytes"] / GB, "grads_gb": rb["grad_bytes"] / GB,
             "optimizer_gb": rb["optimizer_state_bytes"] / GB,
             "activations_gb": (act + transient) / GB, "live_microbatches": live,
-            "total_gb": total / GB, "total_gb_by_recompute": alt,
+            "total_gb": total / GB, "total_gb_by_recompute": alt, "total_gb_runtime_modules": runtime_gb,
             "_rb": rb,
         })
     peak_rank = max(ranks, key=lambda x: x["total_gb"])

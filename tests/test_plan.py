@@ -119,6 +119,18 @@ def test_2048_layout_fits_and_matches_paper(plan_2048):
     # slower kernels → more GPU-hours
     s = {x["achievable_fraction"]: x["gpu_hours_per_trillion_tokens"] for x in r["sensitivity"]}
     assert s[0.3] > r["gpu_hours_per_trillion_tokens"] > s[0.6]
+    # the fit assumes the paper's kernels; this runtime's modules (unfused norms, SwiGLU operands and
+    # the experts' inputs kept) would not fit, and the plan says so next to the figure
+    assert all(x["total_gb_runtime_modules"] > x["total_gb"] for x in ranks)
+    assert ranks[r["peak_memory_rank"]]["total_gb_runtime_modules"] > 80
+
+
+def test_cpu_plan_has_no_runtime_modules_note():
+    """plan.device=cpu already plans this runtime's modules: no second figure."""
+    lay = P.PlanLayout(pp=1, dp=2, ep=2, world_size=2)
+    r = P.plan(_toy_cfg(), lay, P.Recipe(precision="bf16", seq_len=32, micro_batch=2, global_batch=8, device="cpu"),
+               sensitivity=())
+    assert all(x["total_gb_runtime_modules"] is None for x in r["per_rank"])
 
 
 def test_memory_breakdown_arithmetic(v3, plan_2048):
