@@ -1,0 +1,52 @@
+"""Training runs that more than one test checks, started once per pytest session.
+
+A multi-process run costs seconds to tens of seconds on the small CI machine, and several tests
+check different facts of the same job: tests/test_mixed_precision.py compares a bf16/fp8
+layout's losses with one process, tests/test_plan_vs_run.py compares the same run's per-rank
+bytes (rank_bytes.json, metrics.jsonl) with the planner. ``SharedRuns.get`` (the session fixture
+``shared_runs`` in tests/conftest.py) keys a run by its process count and overrides: whichever
+test asks first starts it, the others read the same run dir. A run is only ever read after it
+ends, so sharing it cannot change what a test sees; the run's own failure is kept and reported
+to every test that asks for it.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.helpers import run_cli
+
+# The low-precision layout jobs both tests check: 4 steps of global batch 16 in micro-batches of 1
+# (DualPipe needs >= 2·pp micro-batches per rank) on 4 layers, with the recompute mode the
+# DeepSeek-V3 recipe trains bf16/fp8 with, so the byte and activation checks cover it.
+LOW = ("bf16", "fp8")
+LOW_STEPS = 4
+LOW_PIPE = ["train.global_batch=16", "train.micro_batch=1", "model.n_layers=4", f"train.steps={LOW_STEPS}",
+            "train.recompute=norm_and_up_proj"]
+DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe"]
+# (id, nproc, layout overrides, layout as the planner takes it)
+LOW_LAYOUTS = [("dp4_ep2", 4, ["parallel.ep=2"], dict(pp=1, dp=4, ep=2)),
+               ("pp2_dp2_ep2_dualpipe", 4, DUALPIPE + ["parallel.ep=2"], dict(pp=2, dp=2, ep=2, schedule="dualpipe")),
+               ("pp2_dp4_ep4_dualpipe", 8, DUALPIPE + ["parallel.ep=4"], dict(pp=2, dp=4, ep=4, schedule="dualpipe"))]
+
+
+def low_job(precision: str, args: list[str]) -> list[str]:
+    """The overrides of a low-precision job: LOW_PIPE at ``precision`` plus ``args``."""
+    return LOW_PIPE + [f"precision={precision}"] + list(args)
+
+
+class SharedRuns:
+    """Runs of the tiny job (tests.helpers.run_cli), one per (nproc, overrides) per session."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._runs: dict[tuple, tuple[Path, subprocess.CompletedProcess]] = {}
+
+    def get(self, nproc: int, overrides: list[str], timeout: int = 900) -> tuple[Path, subprocess.CompletedProcess]:
+        """(run dir, finished process) of ``run_cli(overrides + [run.dir=...], nproc)``, run on first use."""
+        key = (nproc, tuple(overrides))
+        if key not in self._runs:
+            run_dir = self.root / f"run{len(self._runs)}"
+            res = run_cli(list(overrides) + [f"run.dir={run_dir}"], nproc=nproc, timeout=timeout)
+            self._runs[key] = (run_dir, res)
+        return self._runs[key]
