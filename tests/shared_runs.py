@@ -50,3 +50,18 @@ class SharedRuns:
             res = run_cli(list(overrides) + [f"run.dir={run_dir}"], nproc=nproc, timeout=timeout)
             self._runs[key] = (run_dir, res)
         return self._runs[key]
+
+
+# fp32 jobs of tests/test_layouts.py (10 steps, evaluating at steps 5 and 10): its one-process
+# reference (the tiny job) and its pp2×dp2×ep2 DualPipe run (the pipeline batch: DualPipe needs
+# >= 2·pp micro-batches per rank, global batch 16 of micro-batch 1, 4 layers) are also the
+# "single" and "pp2_dp2_ep2_dualpipe_fp32" runs whose bytes tests/test_plan_vs_run.py checks.
+LAYOUT_STEPS = 10
+LAYOUT_EVAL = ["train.eval_every=5", "train.eval_batches=1", "train.ema_decay=0.8"]
+LAYOUT_PIPE = ["train.global_batch=16", "train.micro_batch=1", "model.n_layers=4"]
+PP2_DP2_EP2_DUALPIPE = ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe"]
+
+
+def layout_job(args: list[str], evaluate: bool = True) -> list[str]:
+    """The overrides of a tests/test_layouts.py job: LAYOUT_STEPS steps (with evaluation) plus ``args``."""
+    return [f"train.steps={LAYOUT_STEPS}"] + (LAYOUT_EVAL if evaluate else []) + list(args)
