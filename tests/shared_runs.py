@@ -1,9 +1,9 @@
 """Training runs that more than one test checks, started once per pytest session.
 
 A multi-process run costs seconds to tens of seconds on the small CI machine, and several tests
-check different facts of the same job: tests/test_mixed_precision.py compares a bf16/fp8
-layout's losses with one process, tests/test_plan_vs_run.py compares the same run's per-rank
-bytes (rank_bytes.json, metrics.jsonl) with the planner. ``SharedRuns.get`` (the session fixture
+check different facts of the same job: tests/test_mixed_precision.py (bf16/fp8) and
+tests/test_layouts.py (fp32) compare a layout's losses with one process, tests/test_plan_vs_run.py
+compares the same run's per-rank bytes (rank_bytes.json, metrics.jsonl) with the planner. ``SharedRuns.get`` (the session fixture
 ``shared_runs`` in tests/conftest.py) keys a run by its process count and overrides: whichever
 test asks first starts it, the others read the same run dir. A run is only ever read after it
 ends, so sharing it cannot change what a test sees; the run's own failure is kept and reported
