@@ -35,3 +35,11 @@ def tiny_dataset(tiny_data_cfg):
     from trainer.data import TokenDataset
 
     return TokenDataset(tiny_data_cfg, seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory):
+    """Runs that several tests check, each started once per session (tests/shared_runs.py)."""
+    from tests.shared_runs import SharedRuns
+
+    return SharedRuns(tmp_path_factory.mktemp("shared_runs"))

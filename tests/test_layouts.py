@@ -10,16 +10,25 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers import read_metrics, run_cli
+from tests.shared_runs import (LAYOUT_EVAL as EVAL, LAYOUT_PIPE as PIPE, LAYOUT_STEPS as STEPS, PP2_DP2_EP2_DUALPIPE,
+                               layout_job)
 
-STEPS = 10
-EVAL = ["train.eval_every=5", "train.eval_batches=1", "train.ema_decay=0.8"]
 VAL_KEYS = ("val_loss", "val_lm_loss", "val_mtp_loss", "val_loss_ema")
 
 
 def _losses(tmp_path, name, nproc, args, evaluate=True, timeout=300):
     run_dir = tmp_path / name
-    res = run_cli([f"run.dir={run_dir}", f"train.steps={STEPS}"] + (EVAL if evaluate else []) + args, nproc=nproc,
-                  timeout=timeout)
+    res = run_cli([f"run.dir={run_dir}"] + layout_job(args, evaluate), nproc=nproc, timeout=timeout)
+    return _rows(run_dir, res, evaluate)
+
+
+def _shared_losses(shared_runs, nproc, args):
+    """_losses of a run other tests check too (tests/shared_runs.py: test_plan_vs_run's bytes)."""
+    run_dir, res = shared_runs.get(nproc, layout_job(args), timeout=300)
+    return _rows(run_dir, res, True)
+
+
+def _rows(run_dir, res, evaluate):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_metrics(str(run_dir))
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -34,8 +43,8 @@ def _assert_same(name, reference, rows, keys=("loss", "lm_loss", "mtp_loss", "gr
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return _losses(tmp_path_factory.mktemp("ref"), "single", 1, [])
+def reference(shared_runs):
+    return _shared_losses(shared_runs, 1, [])
 
 
 @pytest.mark.parametrize(
@@ -52,8 +61,8 @@ def reference(tmp_path_factory):
         ("ep4_two_hop_4nodes", 4, ["parallel.ep=4", "parallel.gpus_per_node=1"]),
     ],
 )
-def test_losses_match_single_process(reference, tmp_path, name, nproc, args):
-    rows = _losses(tmp_path, name, nproc, args)
+def test_losses_match_single_process(reference, shared_runs, name, nproc, args):
+    rows = _shared_losses(shared_runs, nproc, args)
     _assert_same(name, reference, rows)
     for ref, got in zip(reference, rows):
         assert got["expert_load_cv"] == pytest.approx(ref["expert_load_cv"], rel=1e-4, abs=1e-6)
@@ -73,8 +82,7 @@ def test_node_limited_routing_is_layout_invariant(tmp_path):
 
 # ---- pipeline layouts (issues: DualPipe/1F1B pipeline; composed PP x EP x DP trainer) ----
 # DualPipe needs >= 2*pp micro-batches per rank (even), so these use global batch 16 and
-# micro-batch 1 and compare against their own single-process reference.
-PIPE = ["train.global_batch=16", "train.micro_batch=1", "model.n_layers=4"]
+# micro-batch 1 (PIPE) and compare against their own single-process reference.
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +96,7 @@ def pipe_reference(tmp_path_factory):
         ("pp2_1f1b", 2, ["parallel.pp=2", "parallel.schedule=1f1b"]),
         ("pp2_dualpipe", 2, ["parallel.pp=2", "parallel.schedule=dualpipe"]),
         ("pp4_dualpipe", 4, ["parallel.pp=4", "parallel.schedule=dualpipe"]),
-        ("pp2_dp2_ep2_dualpipe", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=dualpipe"]),
+        ("pp2_dp2_ep2_dualpipe", 4, PP2_DP2_EP2_DUALPIPE),
         ("pp2_dp2_ep2_1f1b", 4, ["parallel.pp=2", "parallel.ep=2", "parallel.schedule=1f1b"]),
         ("pp2_dp2_dualpipev", 4, ["parallel.pp=2", "parallel.schedule=dualpipev"]),
         # reduce-scatter over DP (experts: expert-DP of 1, nothing to reduce); stage-pair norm
@@ -97,8 +105,8 @@ def pipe_reference(tmp_path_factory):
             "parallel.grad_reduce=reduce_scatter"]),
     ],
 )
-def test_pipeline_losses_match_single_process(pipe_reference, tmp_path, name, nproc, args):
-    rows = _losses(tmp_path, name, nproc, PIPE + args)
+def test_pipeline_losses_match_single_process(pipe_reference, shared_runs, name, nproc, args):
+    rows = _shared_losses(shared_runs, nproc, PIPE + args)
     _assert_same(name, pipe_reference, rows)
 
 

@@ -18,8 +18,7 @@ from model import DeepSeekV3
 from model.mixed import numerics_for
 from parallel.grads import grad_of
 from tests.helpers import preset_model_cfg, read_metrics, run_cli, tiny_model_cfg, train_in_process
-
-LOW = ("bf16", "fp8")
+from tests.shared_runs import LOW, LOW_LAYOUTS, LOW_STEPS, low_job
 
 
 def _model(precision: str, recompute: str = "none", **kw) -> DeepSeekV3:
@@ -171,12 +170,9 @@ def test_fp32_checkpoint_into_bf16_is_a_named_error(tmp_path):
 
 
 # ------------------------------------------------------------------ layouts, to the measured floor
-# DualPipe needs >= 2·pp micro-batches per rank: global batch 16 of micro-batch 1, 4 layers.
-STEPS = 4
-PIPE = ["train.global_batch=16", "train.micro_batch=1", "model.n_layers=4", f"train.steps={STEPS}"]
-DUALPIPE = ["parallel.pp=2", "parallel.schedule=dualpipe"]
-LAYOUTS = [("dp4_ep2", 4, ["parallel.ep=2"]), ("pp2_dp2_ep2_dualpipe", 4, DUALPIPE + ["parallel.ep=2"]),
-           ("pp2_dp4_ep4_dualpipe", 8, DUALPIPE + ["parallel.ep=4"])]
+# The layout runs are tests/shared_runs.py's low-precision jobs (LOW_PIPE: global batch 16 of
+# micro-batch 1, 4 layers, 4 steps, recompute norm_and_up_proj); tests/test_plan_vs_run.py checks
+# the same runs' bytes. The one-process reference and floor runs use the same config.
 # What one process and an EP layout can share, they do: the same BF16 weights and master updates,
 # and the one-process dispatcher rounds the all-to-all payloads (forward and backward) exactly where
 # the EP exchanges do. So under bf16 a layout equals one process to fp32 round-off while routing is
@@ -193,8 +189,8 @@ TIGHT = {"bf16": dict(steps=2, loss=1e-6, grad_norm=1e-5), "fp8": dict(steps=1, 
 FACTOR = {"bf16": 1.0, "fp8": 3.0}
 
 
-def _run(run_dir, nproc, args, timeout=900):
-    res = run_cli([f"run.dir={run_dir}"] + PIPE + args, nproc=nproc, timeout=timeout)
+def _run(run_dir, nproc, precision, args, timeout=900):
+    res = run_cli([f"run.dir={run_dir}"] + low_job(precision, args), nproc=nproc, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     return read_metrics(str(run_dir))
 
@@ -210,21 +206,23 @@ def floors(tmp_path_factory):
     out = {}
     for precision in LOW:
         d = tmp_path_factory.mktemp(f"floor_{precision}")
-        ref = _run(d / "single", 1, [f"precision={precision}"])
-        other = _run(d / "single_mb2", 1, [f"precision={precision}", "train.micro_batch=2"])
+        ref = _run(d / "single", 1, precision, [])
+        other = _run(d / "single_mb2", 1, precision, ["train.micro_batch=2"])
         out[precision] = ref, {k: _worst(other, ref, k) for k in ("loss", "grad_norm")}
     return out
 
 
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("precision", LOW)
-def test_layouts_match_one_process_to_the_measured_floor(floors, tmp_path, precision):
+def test_layouts_match_one_process_to_the_measured_floor(floors, shared_runs, precision):
     ref, floor = floors[precision]
     assert floor["loss"] > 0, "micro-batching changed nothing: no floor to measure"
     tight = TIGHT[precision]
-    for name, nproc, args in LAYOUTS:
-        rows = _run(tmp_path / name, nproc, [f"precision={precision}"] + args)
-        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for name, nproc, args, _ in LOW_LAYOUTS:
+        run_dir, res = shared_runs.get(nproc, low_job(precision, args))
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = read_metrics(str(run_dir))
+        assert [r["step"] for r in rows] == list(range(1, LOW_STEPS + 1))
         for r, q in zip(rows[:tight["steps"]], ref):  # same weights, same rounding: fp32 round-off
             assert r["loss"] == pytest.approx(q["loss"], rel=tight["loss"]), (name, r["step"])
             if tight["grad_norm"]:
@@ -241,16 +239,16 @@ def test_bf16_checkpoint_reshards_and_resumes_bit_identically(floors, tmp_path):
     to the uninterrupted run; at dp4×ep4 and at one process: step 5 (the same loaded BF16 weights,
     FP32 masters and moments) equal to fp32 round-off, steps 5-8 within the measured floor."""
     ref, floor = floors["bf16"]
-    bf16 = ["precision=bf16", "train.steps=8"]
-    whole = _run(tmp_path / "dp2_ep2", 2, bf16 + ["parallel.ep=2", "checkpoint.every=4"])
+    bf16 = ["train.steps=8"]
+    whole = _run(tmp_path / "dp2_ep2", 2, "bf16", bf16 + ["parallel.ep=2", "checkpoint.every=4"])
     saved = tmp_path / "dp2_ep2" / "checkpoints" / "step_4"
     assert (saved / "meta.json").exists()
-    same = _run(tmp_path / "same", 2, bf16 + ["parallel.ep=2", f"checkpoint.resume={saved}"])
+    same = _run(tmp_path / "same", 2, "bf16", bf16 + ["parallel.ep=2", f"checkpoint.resume={saved}"])
     assert [r["step"] for r in same] == [5, 6, 7, 8]
     for a, b in zip(whole[4:], same):
         assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
     for name, nproc, args in [("dp4_ep4", 4, ["parallel.ep=4"]), ("single", 1, [])]:
-        rows = _run(tmp_path / name, nproc, bf16 + args + [f"checkpoint.resume={saved}"])
+        rows = _run(tmp_path / name, nproc, "bf16", bf16 + args + [f"checkpoint.resume={saved}"])
         assert [r["step"] for r in rows] == [5, 6, 7, 8]
         assert rows[0]["loss"] == pytest.approx(whole[4]["loss"], rel=1e-6), name
         assert rows[0]["grad_norm"] == pytest.approx(whole[4]["grad_norm"], rel=1e-5), name

@@ -1,6 +1,8 @@
 """ZeRO-1 and reshardable checkpoints on the composed trainer (gloo processes via torchrun)."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from tests.helpers import read_metrics, run_cli
@@ -16,13 +18,21 @@ def _run(run_dir, nproc, args, expect_steps):
     return rows
 
 
-def test_checkpoint_reshards_across_layouts(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted single-process run both checkpoint tests compare with."""
+    return _run(tmp_path_factory.mktemp("ref"), 1, [], list(range(1, STEPS + 1)))
+
+
+def test_checkpoint_reshards_across_layouts(tmp_path, reference):
     """Save at (dp2, ep2), resume at (dp4, ep4) and at one process: steps 5-8 equal the
     uninterrupted single-process run (rel 1e-5), and no step is lost or repeated."""
-    ref = _run(tmp_path / "ref", 1, [], list(range(1, STEPS + 1)))
+    ref = reference
+    saved = tmp_path / "saved"
+    _run(saved, 2, ["parallel.ep=2", "train.exit_after_steps=4"], [1, 2, 3, 4])
     for name, nproc, args in (("to_ep4", 4, ["parallel.ep=4"]), ("to_single", 1, [])):
-        run_dir = tmp_path / name
-        _run(run_dir, 2, ["parallel.ep=2", "train.exit_after_steps=4"], [1, 2, 3, 4])
+        run_dir = tmp_path / name  # each resume continues its own copy of the saved run (auto-resume)
+        shutil.copytree(saved, run_dir)
         rows = _run(run_dir, nproc, args, list(range(1, STEPS + 1)))
         for a, b in zip(ref[4:], rows[4:]):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (name, a["step"], a["loss"], b["loss"])
@@ -42,7 +52,7 @@ def test_zero1_shards_optimizer_state(tmp_path):
     assert 0.2 < ratio < 0.5, ratio
 
 
-def test_crashed_rank_restarts_from_last_checkpoint(tmp_path):
+def test_crashed_rank_restarts_from_last_checkpoint(tmp_path, reference):
     """Under torchrun --max-restarts 1, rank 1 dies hard before step 5 (first attempt only); the job
     restarts from step_3, and metrics.jsonl ends up equal to an uninterrupted run, each step once."""
     import os
@@ -51,7 +61,7 @@ def test_crashed_rank_restarts_from_last_checkpoint(tmp_path):
 
     from tests.helpers import REPO_ROOT, TINY
 
-    ref = _run(tmp_path / "ref", 1, [], list(range(1, STEPS + 1)))
+    ref = reference
     run_dir = tmp_path / "faulty"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
            "-m", "launch.train", *TINY, f"run.dir={run_dir}", f"train.steps={STEPS}", "parallel.ep=2",
@@ -68,9 +78,15 @@ def test_crashed_rank_restarts_from_last_checkpoint(tmp_path):
 
 def test_collective_timeout_names_rank_and_operation(tmp_path):
     """A rank that hangs makes the others' next collective time out after parallel.timeout_s; the
-    error names the waiting rank, its coordinates and the operation."""
+    error names the waiting rank, its coordinates and the operation.
+
+    Once rank 0 has failed, torchrun stops the hung rank with SIGTERM. As a preemption notice
+    (checkpoint.preemption_signals) that would only set a flag, and the rank would sleep on
+    (10 × timeout_s) until torchrun's 30 s grace period ends in SIGKILL; with SIGUSR1 alone as the
+    notice, SIGTERM ends it at once, which is all this test needs of the teardown."""
     res = run_cli([f"run.dir={tmp_path}", "train.steps=4", "parallel.ep=2", "parallel.timeout_s=4",
-                   "debug.fail_at_step=2", "debug.fail_rank=1", "debug.fail_mode=hang"], nproc=2, timeout=200)
+                   "debug.fail_at_step=2", "debug.fail_rank=1", "debug.fail_mode=hang",
+                   "checkpoint.preemption_signals=[SIGUSR1]"], nproc=2, timeout=200)
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: rank 0 (pp 0, dp 0, ep 0)")]
     assert lines, res.stderr[-3000:]
