@@ -35,20 +35,18 @@ Printed (``key=value``):
   *simulation* (quantise → dequantise → fp32 GEMM), so it is slower than fp32 here; on an FP8
   GPU it runs ``torch._scaled_mm``.
 
-Measured (shared 2-core CPU, ``--seeds 0,1,2,3,4,5,6,7 --control --bf16 --small --steps 12
---jobs 2 --threads 1``: 50 full-size steps for 4 variants x 8 seeds did not fit the time there was;
-fp8 and bf16 both on BF16 weights, fp8 with BF16 moments), last-10-step mean loss: seed 0 (the
-headline) fp8 vs fp32 +0.018%, precision=bf16 vs fp32 +0.013%, fp8 vs bf16 +0.005%. Over the 8
-seeds: fp8 vs fp32 mean +0.023% (sd 0.014%, sem 0.005%, max 0.052%, 8/8 within ±0.25%);
-bf16 vs fp32 +0.010% (sd 0.002%, sem 0.001%, max 0.013%, 8/8); fp8 vs bf16 (the paper's
-comparison) +0.012% (sd 0.013%, sem 0.005%, max 0.041%, 8/8); round-off control 0.000% (|last-10
-difference| <= 1.8e-7 absolute, ~2e-8 relative, on every seed). In 12 steps the fp32 trajectories have
-not yet decorrelated (the control stays at round-off), so these differences are the precisions'
-own, systematic effect (bf16 above fp32 on every seed, fp8 above bf16 on all but seed 2), not
-chaotic drift; over longer runs single seeds spread more (an earlier 50-step full-size sweep, when
-fp8 still kept fp32 weights and moments, had fp8 vs fp32 at sd 0.37% across seeds and
-BF16-rounded GEMMs alone moving one seed by 0.63%).
-Median step times there: fp32 1.6 s, bf16 2.2 s, fp8 8.2 s (FP8 simulated on CPU).
+Measured (shared 2-core CPU, ``--seeds 0,1,2,3,4,5,6,7 --control --bf16 --small --steps 50
+--jobs 2 --threads 1``, 32 runs in 2763 s; fp8 and bf16 both on BF16 weights and BF16 moments),
+last-10-step mean loss: seed 0 (the headline) fp8 vs fp32 +0.931%, bf16 vs fp32 +0.153%, fp8 vs
+bf16 +0.777%. Over the 8 seeds: fp8 vs bf16 (the paper's comparison) mean +0.223% (sd 0.272%,
+sem 0.096%, max 0.777%, 6/8 within ±0.25%); fp8 vs fp32 +0.220% (sd 0.357%, 6/8); bf16 vs fp32
+-0.003% (sd 0.115%, max |0.162%|, 8/8); round-off control +0.001% (max |3e-5|, 8/8). The control
+stays at round-off, so the runs have not diverged chaotically and these are the precisions' own
+effects: FP8 above BF16 on every seed, BF16 storage without a mean shift. At 12 steps
+(``--steps 12``) the same shifts were a tenth: fp8 vs bf16 +0.012% (sd 0.013%), bf16 vs fp32
++0.010% (sd 0.002%). An earlier 50-step full-size sweep, when fp8 still kept fp32 weights and
+moments, had fp8 vs fp32 at sd 0.37% across seeds.
+Median step times there: fp32 1.06 s, bf16 2.27 s, fp8 6.89 s (FP8 simulated on CPU).
 
 The plot (--out) shows the first seed's curves, their per-step relative difference, and every
 seed's last-10 relative difference for every variant against the ±0.25% band.
