@@ -27,7 +27,6 @@ its `.grad`.
 """
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 from typing import Any, Iterable, Optional, Union
@@ -38,7 +37,7 @@ from torch import nn
 
 from model.mixed import MAIN_GRAD, is_low_precision
 from model.naming import is_expert_param
-from parallel.partition import shard_range
+from parallel.partition import offsets_of, pieces_between, shard_range
 
 GRAD_REDUCE = ("auto", "all_reduce", "reduce_scatter")
 # torch 2.13 renamed reduce_scatter_tensor (deprecated there) to reduce_scatter_single
@@ -187,54 +186,36 @@ def reduce_scatter_gradients(parts: list[tuple[list[nn.Parameter], Any]], topo: 
             _reduce_scatter_flat(grads, group, bucket_elems)
 
 
-def _segments(offsets: list[int], lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """(tensor index, first, one past the last) flat elements of the tensors that make up elements
-    lo … hi-1 of their concatenation (`offsets`: where each tensor starts, then the total)."""
-    out = []
-    i = bisect.bisect_right(offsets, lo) - 1
-    while lo < hi:
-        a, b = lo - offsets[i], min(hi, offsets[i + 1]) - offsets[i]
-        if b > a:
-            out.append((i, a, b))
-        lo, i = offsets[i] + b, i + 1
-    return out
-
-
-def _reduce_scatter_flat(grads: list[torch.Tensor], group: Any, bucket_elems: int) -> int:
+def _reduce_scatter_flat(grads: list[torch.Tensor], group: Any, bucket_elems: int) -> None:
     """SUM over `group` of `grads` laid end to end and cut into the group's contiguous ranges
     (partition.shard_range, as zero_partition cuts them): afterwards this rank's range holds the
     sum and every other element of `grads` is zero. Bucket k carries the k-th `chunk` elements of
     every rank's range (zero-padded where a range is shorter), so each rank receives a contiguous
-    piece and no gradient-sized flat copy is ever made. Returns the bytes sent."""
+    piece and no gradient-sized flat copy is ever made."""
     size, me = group_size(group), dist.get_rank(group)
     flats = [g.view(-1) for g in grads]
-    offsets = [0]
-    for f in flats:
-        offsets.append(offsets[-1] + f.numel())
+    offsets = offsets_of(f.numel() for f in flats)
     ranges = [shard_range(offsets[-1], size, r) for r in range(size)]
     width = max(hi - lo for lo, hi in ranges)
     chunk = max(1, min(width, bucket_elems // size))
     dtype = functools.reduce(torch.promote_types, (f.dtype for f in flats))
-    sent = 0
     for k in range(0, width, chunk):
         send = torch.zeros(size, chunk, dtype=dtype, device=flats[0].device)
         for r, (lo, hi) in enumerate(ranges):
             pos = 0
-            for i, a, b in _segments(offsets, lo + k, min(hi, lo + k + chunk)):
+            for i, a, b in pieces_between(offsets, lo + k, min(hi, lo + k + chunk)):
                 send[r, pos:pos + b - a].copy_(flats[i][a:b])
                 pos += b - a
         recv = torch.empty(chunk, dtype=dtype, device=send.device)
         _REDUCE_SCATTER(recv, send.view(-1), group=group)
-        sent += send.numel() * send.element_size()
         lo, hi = ranges[me]  # only this rank's range is written: later buckets read other elements
         pos = 0
-        for i, a, b in _segments(offsets, lo + k, min(hi, lo + k + chunk)):
+        for i, a, b in pieces_between(offsets, lo + k, min(hi, lo + k + chunk)):
             flats[i][a:b].copy_(recv[pos:pos + b - a])
             pos += b - a
     lo, hi = ranges[me]
-    for i, a, b in _segments(offsets, 0, lo) + _segments(offsets, hi, offsets[-1]):
+    for i, a, b in pieces_between(offsets, 0, lo) + pieces_between(offsets, hi, offsets[-1]):
         flats[i][a:b].zero_()
-    return sent
 
 
 @torch.no_grad()

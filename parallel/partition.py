@@ -13,6 +13,7 @@ their parameter's global name (trainer/checkpoint.py saves them as pieces that D
 """
 from __future__ import annotations
 
+import bisect
 from typing import Any, List, Sequence, Tuple
 
 from parallel.param_groups import optimizer_param_groups  # torch-free
@@ -27,22 +28,32 @@ def shard_range(total: int, group_size: int, rank: int) -> Tuple[int, int]:
     return total * rank // group_size, total * (rank + 1) // group_size
 
 
-def zero_partition(numels: Sequence[int], group_size: int) -> List[List[Piece]]:
-    """Per rank of the group, the pieces of the parameters (of `numels` elements, in optimizer
-    order) whose optimizer state it holds: [[(index, start, stop), ...] for each rank]."""
+def offsets_of(numels: Sequence[int]) -> List[int]:
+    """Where each of the tensors (of `numels` elements) starts in their concatenation, then the total."""
     offsets = [0]
     for n in numels:
         offsets.append(offsets[-1] + int(n))
-    out: List[List[Piece]] = []
-    for rank in range(group_size):
-        lo, hi = shard_range(offsets[-1], group_size, rank)
-        pieces = []
-        for i, n in enumerate(numels):
-            a, b = max(lo, offsets[i]), min(hi, offsets[i + 1])
-            if a < b:
-                pieces.append((i, a - offsets[i], b - offsets[i]))
-        out.append(pieces)
+    return offsets
+
+
+def pieces_between(offsets: Sequence[int], lo: int, hi: int) -> List[Piece]:
+    """The non-empty pieces (index, start, stop) of the tensors that make up elements lo … hi-1 of
+    their concatenation (`offsets`: offsets_of)."""
+    out: List[Piece] = []
+    i = bisect.bisect_right(offsets, lo) - 1
+    while lo < hi:
+        a, b = lo - offsets[i], min(hi, offsets[i + 1]) - offsets[i]
+        if b > a:
+            out.append((i, a, b))
+        lo, i = offsets[i] + b, i + 1
     return out
+
+
+def zero_partition(numels: Sequence[int], group_size: int) -> List[List[Piece]]:
+    """Per rank of the group, the pieces of the parameters (of `numels` elements, in optimizer
+    order) whose optimizer state it holds: [[(index, start, stop), ...] for each rank]."""
+    offsets = offsets_of(numels)
+    return [pieces_between(offsets, *shard_range(offsets[-1], group_size, rank)) for rank in range(group_size)]
 
 
 def rank_elements(numels: Sequence[int], group_size: int, rank: int) -> int:
