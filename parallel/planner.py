@@ -582,8 +582,8 @@ def peak_live_bytes(actions, chunk_bytes: Sequence[float]) -> Tuple[float, List[
 
 
 def stage_activation_bytes(cfg, stages: Sequence[Sequence[Part]], precision: str, recompute: str,
-                           micro_batch: int, seq_len: int, ep: int = 1,
-                           device: str = "cuda") -> Tuple[List[float], List[float]]:
+                           micro_batch: int, seq_len: int, ep: int = 1, device: str = "cuda",
+                           kernels: str = "paper") -> Tuple[List[float], List[float]]:
     """Per stage: (activation bytes one micro-batch of `micro_batch` × `seq_len` tokens leaves saved
     for backward, the largest one-layer transient of the backward's recompute)."""
     kept, transient = [], []
@@ -591,7 +591,7 @@ def stage_activation_bytes(cfg, stages: Sequence[Sequence[Part]], precision: str
         k = t = 0.0
         for p in parts:
             k_, t_ = part_saved_bytes(cfg, p.kind, precision, recompute, micro_batch=micro_batch,
-                                      seq_len=seq_len, ep=ep, device=device)
+                                      seq_len=seq_len, ep=ep, device=device, kernels=kernels)
             k += k_
             t = max(t, t_)
         kept.append(k)
@@ -667,7 +667,12 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
 
     tokens_mb = recipe.micro_batch * recipe.seq_len
     shape = dict(micro_batch=recipe.micro_batch, seq_len=recipe.seq_len, ep=lay.ep, device=recipe.device)
-    stage_act, stage_transient = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, **shape)
+    # per stage, under every recompute mode (the run's is what the ranks hold), and (planning CUDA's
+    # paper kernels, not yet this runtime's modules) what these modules would keep under the run's
+    by_mode = {m: stage_activation_bytes(cfg, stages, recipe.precision, m, **shape) for m in RECOMPUTE_MODES}
+    stage_act, stage_transient = by_mode[recipe.recompute]
+    runtime_modules = stage_activation_bytes(cfg, stages, recipe.precision, recipe.recompute, **shape,
+                                             kernels="runtime") if recipe.device == "cuda" else None
 
     def live_for(rank: int, acts_per_stage: Sequence[float]) -> Tuple[float, List[int]]:
         if sched is not None:
@@ -685,23 +690,12 @@ def plan(model_cfg, layout: Any, recipe: Recipe = Recipe(), hw: Hardware = Hardw
         transient = max(stage_transient[s] for s in held)
         state = rb["param_bytes"] + rb["grad_bytes"] + rb["optimizer_state_bytes"]
 
-        def total_gb(mode: str, kernels: str = "paper") -> float:
-            """This rank's total under recompute `mode` (and, on CUDA, the activation list of `kernels`)."""
-            per_stage, trans_m = [], 0.0
-            for s, ps in enumerate(stages):
-                tot = 0.0
-                for p in ps:
-                    k_, t_ = part_saved_bytes(cfg, p.kind, recipe.precision, mode, **shape, kernels=kernels)
-                    tot += k_
-                    if s in held:
-                        trans_m = max(trans_m, t_)
-                per_stage.append(tot)
-            return (live_for(r, per_stage)[0] + trans_m + state) / GB
+        def total_gb(kept_and_transient: Tuple[List[float], List[float]]) -> float:
+            kept, trans = kept_and_transient
+            return (live_for(r, kept)[0] + max(trans[s] for s in held) + state) / GB
 
-        alt = {mode: total_gb(mode) for mode in RECOMPUTE_MODES}
-        # the paper's kernels (fused norms, FP8-cached SwiGLU inputs) are the CUDA target, not yet
-        # this runtime's modules: what those would need on CUDA, said next to it
-        runtime_gb = total_gb(recipe.recompute, "runtime") if recipe.device == "cuda" else None
+        alt = {m: total_gb(v) for m, v in by_mode.items()}
+        runtime_gb = total_gb(runtime_modules) if runtime_modules is not None else None
         total = state + act + transient
         ranks.append({
             "rank": r, "stages": list(held), "layers": " | ".join(_layer_range(stages[s]) for s in held),
