@@ -30,9 +30,8 @@ def _planned(cfg, rank: int):
                                    micro_batch=t.micro_batch, global_batch=t.global_batch), fraction=0.4, sensitivity=[])
     if p.pp > 1:
         lay = replace(lay, layers_per_stage=tuple(r["layout"]["layers_per_stage"]))
-    moments = cfg.optim.moment_dtype if cfg.optim.moment_dtype != "auto" else \
-        ("fp32" if cfg.precision == "fp32" else "bf16")
-    return P.predict_rank_bytes(mcfg, lay, rank, precision=cfg.precision, zero=True, moment_dtype=moments), r
+    return P.predict_rank_bytes(mcfg, lay, rank, precision=cfg.precision, zero=True,
+                                moment_dtype=cfg.optim.moment_dtype), r  # auto: resolved as the optimizer does
 
 
 def _check(cfg, rb):

@@ -67,10 +67,6 @@ for _precision in LOW:
         RUNS.append((f"{_name}_{_precision}", _n, low_job(_precision, _over), _lay))
 
 
-def _value(overrides: list[str], key: str, default: str) -> str:
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")), default)
-
-
 @pytest.mark.parametrize("nproc,overrides,layout", [r[1:] for r in RUNS], ids=[r[0] for r in RUNS])
 def test_planned_bytes_equal_run(shared_runs, nproc, overrides, layout):
     """EVERY rank's param/grad/optimizer bytes (run.dir/rank_bytes.json) equal predict_rank_bytes
@@ -80,9 +76,8 @@ def test_planned_bytes_equal_run(shared_runs, nproc, overrides, layout):
     are those figures; every rank's saved-activation peak is within 5% of launch.plan's figure for
     its pipeline rank (plan.device=cpu: what these modules save on CPU; the residue is routing — an
     EP rank holds what its experts received, the plan assumes uniform routing)."""
-    zero = "parallel.zero=false" not in overrides
-    precision = _value(overrides, "precision", "fp32")
-    moments = _value(overrides, "optim.moment_dtype", "fp32" if precision == "fp32" else "bf16")
+    cfg = compose(TINY + overrides)  # the run's own config: precision, ZeRO, moments (auto: as the optimizer resolves it)
+    zero, precision, moments = cfg.parallel.zero, cfg.precision, cfg.optim.moment_dtype
     run_dir, out = shared_runs.get(nproc, overrides)
     assert out.returncode == 0, out.stderr[-4000:]
     row = read_metrics(str(run_dir))[0]
@@ -90,7 +85,6 @@ def test_planned_bytes_equal_run(shared_runs, nproc, overrides, layout):
     with open(run_dir / "rank_bytes.json") as f:
         measured = json.load(f)
     assert [m["rank"] for m in measured] == list(range(nproc))
-    cfg = compose(TINY + overrides)
     model_cfg = _model_cfg(cfg)
     preds = [P.predict_rank_bytes(model_cfg, layout, rank=r, precision=precision, zero=zero, moment_dtype=moments)
              for r in range(nproc)]
